@@ -1,0 +1,84 @@
+"""Per-step diagnostics returned by :meth:`GradBalance.backward` and :func:`gradbalance.backward`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["StepInfo", "gram_diagnostics"]
+
+
+def gram_diagnostics(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-task gradient norms and the cosine matrix, both read off the Gram matrix.
+
+    Args:
+        gram: ``(k, k)`` Gram matrix ``M = G G^T`` of the task gradients.
+
+    Returns:
+        ``(norms, cosine)``: ``norms[i] = sqrt(M_ii)`` and ``cosine[i, j] = M_ij / (norms_i norms_j)``,
+        with ``cosine = 0`` wherever a norm is zero (``cosine[i, i] = 1`` for non-zero gradients).
+    """
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    denom = norms[:, None] * norms[None, :]
+    cosine = torch.where(denom > 0, gram / denom.clamp_min(torch.finfo(gram.dtype).tiny), 0.0)
+    return norms, cosine.clamp(-1.0, 1.0)
+
+
+@dataclass
+class StepInfo:
+    """What one balancing step did.
+
+    Attributes:
+        weights: ``(k,)`` weights applied to the task gradients on the shared parameters (for
+            methods that return an explicit direction, the coefficients of that direction in the
+            task gradients when the method reports them, else ``None``).
+        losses: ``(k,)`` detached per-task loss values, unscaled.
+        grad_norms: ``(k,)`` norms of the per-task gradients the method saw (on the shared
+            parameters, or on the features in representation mode); ``None`` for methods that
+            need no per-task gradients (computing them would cost k backward passes).
+        cosine: ``(k, k)`` cosine similarities of those gradients, or ``None`` as above.
+        engine: which path produced the task gradients: ``"loop"``, ``"batched"``,
+            ``"representation"``, ``"losses"`` (no per-task gradients), with ``" (fallback: ...)"``
+            appended when the batched path fell back to the loop.
+        task_names: the task names, in the order of ``weights``.
+        extras: method-specific values (solver status, number of projections, ...).
+    """
+
+    weights: Tensor | None
+    losses: Tensor
+    grad_norms: Tensor | None
+    cosine: Tensor | None
+    engine: str
+    task_names: tuple[str, ...]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, float | str]:
+        """Flatten into ``{name: scalar}`` for loggers (TensorBoard, W&B, CSV).
+
+        Keys: ``weight/<task>``, ``loss/<task>``, ``grad_norm/<task>``, ``cosine/mean`` and
+        ``cosine/min`` (over distinct pairs), ``conflicts`` (pairs with negative cosine),
+        ``engine``, and every scalar in ``extras`` as ``extras/<key>``.
+        """
+        out: dict[str, float | str] = {"engine": self.engine}
+        for i, name in enumerate(self.task_names):
+            out[f"loss/{name}"] = float(self.losses[i])
+            if self.weights is not None:
+                out[f"weight/{name}"] = float(self.weights[i])
+            if self.grad_norms is not None:
+                out[f"grad_norm/{name}"] = float(self.grad_norms[i])
+        k = len(self.task_names)
+        if self.cosine is not None and k > 1:
+            iu = torch.triu_indices(k, k, offset=1)
+            pairs = self.cosine[iu[0], iu[1]]
+            out["cosine/mean"] = float(pairs.mean())
+            out["cosine/min"] = float(pairs.min())
+            out["conflicts"] = float((pairs < 0).sum())
+        for key, value in self.extras.items():
+            if isinstance(value, (int, float, bool, str)):
+                out[f"extras/{key}"] = value if isinstance(value, str) else float(value)
+            elif isinstance(value, Tensor) and value.numel() == 1:
+                out[f"extras/{key}"] = float(value)
+        return out

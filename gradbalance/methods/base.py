@@ -1,0 +1,195 @@
+"""The contract every balancing method follows, and the registry of method names.
+
+A method never calls ``backward()`` and never touches a model: it maps what the engine measured
+(per-task losses and, when it asks for them, per-task gradients or their Gram matrix) to an
+:class:`Aggregation`, and can be tested on plain tensors.
+
+Methods are *pure within a step*: :meth:`Method.aggregate` must not change the method's state.
+Any change (a learned weight's update, a loss history, a random generator's advance) is returned
+as ``Aggregation.pending`` and applied by :meth:`Method.commit` when the wrapped optimizer really
+steps. This is what makes gradient accumulation exact (the method is re-run on the accumulated
+inputs of every micro-batch from the same state), lets ``GradScaler`` skip a step without touching
+method state, and leaves everything unchanged when a step raises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Aggregation",
+    "Method",
+    "TaskInputs",
+    "available_methods",
+    "make_method",
+    "register",
+]
+
+Requires = Literal["losses", "gram", "grads"]
+
+
+@dataclass
+class TaskInputs:
+    """What the engine hands a method for one step.
+
+    Attributes:
+        losses: ``(k,)`` detached loss values (summed over the micro-batches of the current
+            accumulation window), in float64 on the parameters' device.
+        gram: ``(k, k)`` Gram matrix ``M = G G^T`` of the task gradients, float64, or ``None`` for
+            methods with ``requires = "losses"``.
+        grads: ``(k, P)`` task gradients, flattened, for methods with ``requires = "grads"``;
+            otherwise ``None``.
+        task_names: names of the k tasks, in order.
+        step: number of optimizer steps committed so far (0 on the first step).
+    """
+
+    losses: Tensor
+    gram: Tensor | None = None
+    grads: Tensor | None = None
+    task_names: tuple[str, ...] = ()
+    step: int = 0
+
+    @property
+    def num_tasks(self) -> int:
+        return int(self.losses.shape[0])
+
+
+@dataclass
+class Aggregation:
+    """A method's answer for one step.
+
+    Attributes:
+        weights: ``(k,)`` weights of the task gradients on the shared parameters: the update of
+            the shared parameters is ``sum_i weights[i] * g_i``. Methods that act coordinate-wise
+            (GradDrop, ...) may set ``weights`` to ``None`` and return ``direction`` instead.
+        direction: ``(P,)`` explicit update of the shared parameters (flattened, in the order of
+            the engine's shared parameters), or ``None``.
+        head_weights: ``(k,)`` weights applied to each task's gradient on the task-specific
+            parameters. ``None`` means "the same as ``weights``" (for direction-only methods,
+            ``None`` means all ones).
+        extras: diagnostics copied into :class:`~gradbalance.StepInfo` ``.extras``.
+        pending: the state change that :meth:`Method.commit` applies once the step is taken.
+    """
+
+    weights: Tensor | None
+    direction: Tensor | None = None
+    head_weights: Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    pending: Any = None
+
+
+class Method:
+    """Base class of balancing methods.
+
+    Subclasses set :attr:`requires` and implement :meth:`aggregate`; stateful ones also
+    implement :meth:`commit`, :meth:`state_dict` and :meth:`load_state_dict`.
+
+    Attributes:
+        requires: ``"losses"`` (weights from loss values and state only: the step costs one
+            ordinary backward), ``"gram"`` (needs only ``M = G G^T``) or ``"grads"`` (needs the
+            task gradients themselves).
+        mode: ``"exact"`` (gradients on the shared parameters) or ``"representation"``
+            (gradients on the shared features passed as ``features=``; the weights are then
+            applied by one backward of ``sum_i w_i L_i``).
+    """
+
+    requires: ClassVar[Requires] = "gram"
+    name: ClassVar[str] = ""
+    mode: str = "exact"
+
+    def aggregate(self, inputs: TaskInputs) -> Aggregation:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def commit(self, pending: Any) -> None:
+        """Apply the state change returned as ``Aggregation.pending`` (default: stateless)."""
+
+    def shared_subset(self, shared: list[Tensor]) -> list[Tensor]:
+        """The shared parameters on which this method needs task gradients (default: all).
+
+        A method that returns a strict subset (GradNorm's last shared layer) gets its gradients
+        on that subset only, and its weights are applied by one backward of ``sum_i w_i L_i``.
+        """
+        return shared
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} is stateless but got state {sorted(state)}")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The constructor arguments, for ``__repr__`` and the docs."""
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({args})"
+
+
+# --------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, tuple[Callable[[], Method], str]] = {}
+
+
+def register(name: str, description: str) -> Callable[[type], type]:
+    """Class decorator: make ``method=name`` build ``cls()`` with the paper's defaults."""
+
+    def wrap(cls: type) -> type:
+        if name in _REGISTRY:
+            raise ValueError(f"method name {name!r} registered twice")
+        _REGISTRY[name] = (cls, description)
+        return cls
+
+    return wrap
+
+
+def register_factory(name: str, description: str, factory: Callable[[], Method]) -> None:
+    """Register a name that builds a configured instance (e.g. ``"mgda_ub"``)."""
+    if name in _REGISTRY:
+        raise ValueError(f"method name {name!r} registered twice")
+    _REGISTRY[name] = (factory, description)
+
+
+def available_methods() -> dict[str, str]:
+    """Every registered method name with a one-line description, sorted by name."""
+    return {name: desc for name, (_, desc) in sorted(_REGISTRY.items())}
+
+
+def make_method(method: str | Method) -> Method:
+    """Turn a registered name or a :class:`Method` instance into a method instance."""
+    if isinstance(method, Method):
+        return method
+    if isinstance(method, type) and issubclass(method, Method):
+        raise TypeError(f"pass an instance, e.g. {method.__name__}(), not the class itself")
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a name or a gradbalance Method, got {type(method).__name__}")
+    key = method.lower()
+    if key not in _REGISTRY:
+        valid = ", ".join(sorted(_REGISTRY))
+        raise ValueError(f"unknown method {method!r}; valid names: {valid}")
+    return _REGISTRY[key][0]()
+
+
+# --------------------------------------------------------------------------- helpers for methods
+
+
+def check_num_tasks(expected: int | None, got: int, method: str) -> None:
+    """Raise the standard error when a method with per-task state sees a new number of tasks."""
+    if expected is not None and expected != got:
+        raise ValueError(
+            f"{method} keeps per-task state for {expected} tasks but got {got} losses; "
+            "the number of tasks must not change between steps (pass losses as a dict with "
+            "None for missing tasks, or call method.reset())"
+        )
+
+
+def generator_from_state(state: Tensor) -> torch.Generator:
+    """A fresh CPU generator positioned at ``state`` (so a draw never advances the original)."""
+    gen = torch.Generator()
+    gen.set_state(state)
+    return gen

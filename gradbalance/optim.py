@@ -1,0 +1,265 @@
+"""``GradBalance``: a multi-task wrapper around any ``torch.optim`` optimizer, and ``backward``."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from gradbalance import jacobian
+from gradbalance.balancer import Balancer, Losses, as_parameter_list
+from gradbalance.info import StepInfo
+from gradbalance.methods.base import Method
+
+__all__ = ["GradBalance", "backward"]
+
+_STATE_KEY = "gradbalance"
+
+
+class GradBalance(torch.optim.Optimizer):
+    """Wrap an optimizer so that it balances several task losses on shared parameters.
+
+    ``opt.backward(losses)`` computes each task's gradient on the shared parameters, resolves
+    them with ``method``, and writes the result into ``.grad`` (adding to what is there, like
+    ``loss.backward()``); ``opt.step()`` then steps the wrapped optimizer. The wrapper is a real
+    :class:`torch.optim.Optimizer`: ``param_groups``, ``state`` and ``defaults`` are the wrapped
+    optimizer's own (not copies), so LR schedulers, ``torch.amp.GradScaler``, gradient clipping
+    and checkpoints work unchanged; ``state_dict()`` adds the method's state under the key
+    ``"gradbalance"``.
+
+    Args:
+        optimizer: any :class:`torch.optim.Optimizer` holding all the model's parameters.
+        method: a registered name (see :func:`gradbalance.available_methods`) or a method object
+            such as ``gb.methods.MGDA(solver="cvxpy")``. Default ``"mean"``.
+        shared_params: the parameters every task shares: an iterable of tensors, or an
+            ``nn.Module`` (its ``shared_parameters()`` when it has one, e.g.
+            :class:`gradbalance.nn.HardSharing`, else all its parameters). Every other parameter
+            of the optimizer is task-specific. ``None`` (default): inferred on the first step
+            that needs it as the parameters reached by more than one loss (graph walk, no
+            extra computation), then kept; read it back from :attr:`shared_params`.
+        engine: how per-task gradients are computed: ``"loop"`` (k ``autograd.grad`` calls),
+            ``"batched"`` (one batched vector-Jacobian product, falling back to the loop with a
+            warning where PyTorch lacks a batching rule), or ``"auto"`` (default: batched on an
+            accelerator when ``features=`` is given, else the loop; see the engines guide).
+        chunk_size: at most this many tasks per batched call; bounds the batched engine's extra
+            memory at ``chunk_size x P``. ``None``: all tasks at once.
+        task_weights: static task weights applied to the losses before the method (a sequence,
+            or a dict ``{task name: weight}``).
+        accumulation: ``"exact"`` (default: several ``backward`` calls before one ``step`` give
+            the update of the concatenated batch; keeps the ``k x P`` task gradients until the
+            step) or ``"combine"`` (each call combined on its own, results summed).
+
+    Raises:
+        TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``, or bad argument types.
+        ValueError: unknown method name (the message lists the valid ones), bad engine or
+            chunk size, or shared parameters the optimizer does not hold.
+
+    Example:
+        >>> import torch, gradbalance as gb
+        >>> trunk, heads = torch.nn.Linear(4, 8), torch.nn.ModuleList(torch.nn.Linear(8, 1) for _ in range(2))
+        >>> params = list(trunk.parameters()) + list(heads.parameters())
+        >>> opt = gb.GradBalance(torch.optim.SGD(params, lr=0.1), "mean", shared_params=trunk)
+        >>> z = trunk(torch.randn(16, 4))
+        >>> info = opt.backward([h(z).pow(2).mean() for h in heads])
+        >>> opt.step()
+        >>> info.weights
+        tensor([0.5000, 0.5000], dtype=torch.float64)
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        method: str | Method = "mean",
+        shared_params: Any = None,
+        *,
+        engine: str = "auto",
+        chunk_size: int | None = None,
+        task_weights: Sequence[float] | Mapping[str, float] | None = None,
+        accumulation: str = "exact",
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer instance, got {type(optimizer).__name__}"
+            )
+        if isinstance(optimizer, GradBalance):
+            raise TypeError("optimizer is already a GradBalance; wrap the inner optimizer once")
+        self.optimizer = optimizer
+        # Optimizer.__init__ would build param groups of its own; we only need its hook tables
+        # and its step patching (so step hooks and profilers see this wrapper like any optimizer).
+        self._optimizer_step_pre_hooks: dict = OrderedDict()
+        self._optimizer_step_post_hooks: dict = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: dict = OrderedDict()
+        self._optimizer_state_dict_post_hooks: dict = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: dict = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: dict = OrderedDict()
+        self._patch_step_function()
+        self._balancer = Balancer(
+            method,
+            shared_params,
+            self._optimizer_params,
+            engine=engine,
+            chunk_size=chunk_size,
+            task_weights=task_weights,
+            accumulation=accumulation,
+        )
+        self._balancer.validate_shared(self._optimizer_params())
+        self.last_info: StepInfo | None = None
+
+    # -------------------------------------------------------------- torch.optim contract
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    @property
+    def method(self) -> Method:
+        """The balancing method object (holds its own state)."""
+        return self._balancer.method
+
+    @property
+    def shared_params(self) -> list[Tensor] | None:
+        """The shared parameters (``None`` until inferred on the first step that needs them)."""
+        return self._balancer.shared_params
+
+    def _optimizer_params(self) -> list[Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients (as the wrapped optimizer does) and drop an unfinished
+        accumulation window without touching the method's state."""
+        self._balancer.discard()
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
+        """Step the wrapped optimizer, then commit the method's state for this step.
+
+        A ``closure`` is passed to the wrapped optimizer (it must itself call
+        ``opt.backward(losses)``; the balancing of that call is what gets committed).
+        """
+        if closure is not None:
+            with torch.enable_grad():
+                loss = self.optimizer.step(closure)
+        else:
+            loss = self.optimizer.step()
+        self._balancer.commit()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's ``state_dict()`` plus ``"gradbalance"``: method state, step."""
+        state = self.optimizer.state_dict()
+        state[_STATE_KEY] = self._balancer.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict` (a plain optimizer ``state_dict`` loads too, leaving the
+        method's state as it is)."""
+        state = dict(state_dict)
+        ours = state.pop(_STATE_KEY, None)
+        self.optimizer.load_state_dict(state)
+        if ours is not None:
+            self._balancer.load_state_dict(ours)
+
+    def __repr__(self) -> str:
+        return f"GradBalance({self.method!r}, engine={self._balancer.engine!r}, optimizer={self.optimizer!r})"
+
+    # -------------------------------------------------------------- balancing
+    def backward(
+        self,
+        losses: Losses,
+        *,
+        features: Tensor | None = None,
+        scaler: Any = None,
+    ) -> StepInfo:
+        """Balance the task losses and write the combined gradient into ``.grad``.
+
+        Args:
+            losses: one scalar loss per task: a list, or a dict ``{name: loss}`` (``None``
+                values mark tasks absent from this batch).
+            features: the shared representation ``z`` every head reads (the trunk's output).
+                Enables the batched engine's fast route and is required by methods in
+                representation mode (MGDA-UB).
+            scaler: a ``torch.amp.GradScaler``; the losses are scaled for the backward passes
+                and the task gradients unscaled before the method sees them. Then call
+                ``scaler.step(opt)`` and ``scaler.update()`` as usual; an overflow skips the
+                step and leaves the method's state unchanged.
+
+        Returns:
+            :class:`~gradbalance.StepInfo` (also kept as :attr:`last_info`).
+
+        Raises:
+            TypeError: losses not a list/dict of tensors.
+            ValueError: empty losses, a non-scalar, NaN/inf or detached loss, a loss that
+                reaches no shared parameter, a NaN/inf task gradient (without a scaler), a
+                changing number of tasks for a method with per-task state. Nothing is changed.
+        """
+        info = self._balancer.backward(losses, features=features, scaler=scaler)
+        self.last_info = info
+        return info
+
+
+def backward(
+    losses: Losses,
+    shared_params: Any,
+    method: str | Method = "mean",
+    *,
+    params: Any = None,
+    features: Tensor | None = None,
+    engine: str = "auto",
+    chunk_size: int | None = None,
+) -> StepInfo:
+    """Balance ``losses`` and add the result to ``.grad``, without an optimizer wrapper.
+
+    The functional twin of :meth:`GradBalance.backward` for hand-written training loops. The
+    method's state (if any) is committed at once, so pass the same method object every step.
+
+    Args:
+        losses: one scalar loss per task (list or dict).
+        shared_params: the shared parameters (iterable or ``nn.Module``).
+        method: a registered name or a method object.
+        params: every parameter to write gradients into; default: every leaf tensor that
+            requires grad and that the losses reach.
+        features, engine, chunk_size: as for :class:`GradBalance`.
+
+    Returns:
+        :class:`~gradbalance.StepInfo`.
+
+    Example:
+        >>> import torch, gradbalance as gb
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
+        >>> info = gb.backward([w.sum() ** 2, (w[0] - 2) ** 2], [w], method="sum")
+        >>> w.grad
+        tensor([-2.,  0.])
+    """
+    if params is None:
+        values = list(losses.values()) if isinstance(losses, Mapping) else list(losses)
+        params = jacobian.graph_leaves([v for v in values if isinstance(v, Tensor)])
+    balancer = Balancer(method, shared_params, as_parameter_list(params, "params"), engine=engine,
+                        chunk_size=chunk_size, accumulation="combine")
+    info = balancer.backward(losses, features=features)
+    balancer.commit()
+    return info
