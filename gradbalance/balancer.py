@@ -67,6 +67,7 @@ class _Window:
     pending: Any = None
     calls: int = 0
     has_pending: bool = False
+    aggregation: Aggregation | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -83,6 +84,8 @@ class Balancer:
         task_weights: static weights multiplied into the losses before the method sees them,
             a sequence of k numbers or a mapping from task name to weight (missing names: 1).
         accumulation: ``"exact"`` or ``"combine"`` (module docstring).
+        update_every: recompute the weights of a gradient-based method every this many steps
+            and reuse them in between at the cost of one ordinary backward (``1``: every step).
     """
 
     def __init__(
@@ -95,8 +98,14 @@ class Balancer:
         chunk_size: int | None = None,
         task_weights: Sequence[float] | Mapping[str, float] | None = None,
         accumulation: str = "exact",
+        update_every: int = 1,
     ) -> None:
         self.method = make_method(method)
+        if not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"update_every must be a positive int, got {update_every!r}")
+        self.update_every = update_every
+        # (task names, weights, head weights) of the last committed step, for update_every > 1
+        self._cached: tuple[tuple[str, ...], Tensor, Tensor | None] | None = None
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -249,6 +258,10 @@ class Balancer:
         try:
             if method.requires == "losses":
                 return self._loss_step(names, values, params, inputs_losses, scale)
+            if self._reuse_weights(names):
+                names_, weights, head_weights = self._cached
+                agg = Aggregation(weights=weights, head_weights=head_weights, extras={"reused": True})
+                return self._loss_step(names, values, params, inputs_losses, scale, agg)
             if self._shared is None:
                 self._shared = self._infer_shared(values, params)
             shared = self._shared
@@ -279,18 +292,28 @@ class Balancer:
             )
 
     # -- path 1: weights from losses and state only: one ordinary backward
-    def _loss_step(self, names, values, params, losses, scale) -> StepInfo:
+    def _reuse_weights(self, names: tuple[str, ...]) -> bool:
+        return (
+            self.update_every > 1
+            and self._cached is not None
+            and self._cached[0] == names
+            and self.step_count % self.update_every != 0
+        )
+
+    def _loss_step(self, names, values, params, losses, scale, reused: Aggregation | None = None):
         if self._shared is not None:
             self._check_reach(names, values, self._shared)
-        agg = self._aggregate(TaskInputs(losses=losses, task_names=names, step=self.step_count))
+        agg = reused or self._aggregate(
+            TaskInputs(losses=losses, task_names=names, step=self.step_count)
+        )
         weights = agg.weights
         grads = jacobian.weighted_gradients(values, weights, params)
         if agg.head_weights is not None and self._shared is not None:
             grads = self._reweight_heads(values, params, grads, agg.head_weights)
         self._check_finite(grads, names, scale)
         self._add_to_grad(params, grads)
-        self._close(names, losses, agg, written=None)
-        return self._info(names, losses, agg, None, "losses")
+        self._close(names, losses, agg, written=None, commit=reused is None)
+        return self._info(names, losses, agg, None, "losses" if reused is None else "reused")
 
     # -- path 2: gradients on a subset (representation z, or a method-chosen layer), then one
     #    ordinary backward of the weighted losses
@@ -467,7 +490,8 @@ class Balancer:
             if g is not None:
                 p.grad.add_(g)
 
-    def _close(self, names, losses, agg: Aggregation, written, grads=None, heads=None) -> None:
+    def _close(self, names, losses, agg: Aggregation, written, grads=None, heads=None,
+               commit: bool = True) -> None:
         """Record the window's totals and the pending method state (nothing before this line
         of a step changes any state)."""
         exact = self.accumulation == "exact"
@@ -478,7 +502,8 @@ class Balancer:
             window.heads = heads
             window.written = written
         window.pending = agg.pending
-        window.has_pending = True
+        window.has_pending = commit
+        window.aggregation = agg
         window.calls += 1
         self._window = window
 
@@ -502,9 +527,15 @@ class Balancer:
         """The optimizer stepped: apply the method's pending state and close the window."""
         window = self._window
         self._window = None
-        if window is not None and window.has_pending:
+        if window is None:
+            return
+        if window.has_pending:
             self.method.commit(window.pending)
-            self.step_count += 1
+            agg = window.aggregation
+            if self.update_every > 1 and agg is not None and agg.weights is not None:
+                hw = None if agg.head_weights is None else agg.head_weights.detach().clone()
+                self._cached = (window.names, agg.weights.detach().clone(), hw)
+        self.step_count += 1
 
     def discard(self) -> None:
         """Drop the current window without changing the method's state (``zero_grad``)."""
@@ -512,7 +543,17 @@ class Balancer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {"format": 1, "step": self.step_count, "method": self.method.state_dict()}
+        state: dict[str, Any] = {
+            "format": 1,
+            "step": self.step_count,
+            "method": self.method.state_dict(),
+        }
+        if self._cached is not None:
+            names, weights, head_weights = self._cached
+            state["reuse"] = {"tasks": list(names), "weights": weights.clone()}
+            if head_weights is not None:
+                state["reuse"]["head_weights"] = head_weights.clone()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("format") != 1:
@@ -520,6 +561,11 @@ class Balancer:
         self.method.load_state_dict(dict(state["method"]))
         self.step_count = int(state["step"])
         self._window = None
+        reuse = state.get("reuse")
+        self._cached = None
+        if reuse is not None:
+            self._cached = (tuple(reuse["tasks"]), reuse["weights"].clone(),
+                            reuse.get("head_weights"))
 
 
 class _NonFinite(ValueError):

@@ -50,6 +50,9 @@ class GradBalance(torch.optim.Optimizer):
         accumulation: ``"exact"`` (default: several ``backward`` calls before one ``step`` give
             the update of the concatenated batch; keeps the ``k x P`` task gradients until the
             step) or ``"combine"`` (each call combined on its own, results summed).
+        update_every: for methods that need per-task gradients, recompute the weights every
+            ``update_every`` steps and reuse the last ones in between, at the cost of one
+            ordinary backward (``StepInfo.engine == "reused"``). Default 1 (every step).
 
     Raises:
         TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``, or bad argument types.
@@ -78,6 +81,7 @@ class GradBalance(torch.optim.Optimizer):
         chunk_size: int | None = None,
         task_weights: Sequence[float] | Mapping[str, float] | None = None,
         accumulation: str = "exact",
+        update_every: int = 1,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -103,6 +107,7 @@ class GradBalance(torch.optim.Optimizer):
             chunk_size=chunk_size,
             task_weights=task_weights,
             accumulation=accumulation,
+            update_every=update_every,
         )
         self._balancer.validate_shared(self._optimizer_params())
         self.last_info: StepInfo | None = None

@@ -450,3 +450,62 @@ def test_step_info_to_dict():
     assert flat["engine"] == "loop"
     assert {"weight/task0", "loss/task2", "grad_norm/task1", "cosine/mean", "cosine/min", "conflicts"} <= set(flat)
     assert -1.0 <= flat["cosine/min"] <= flat["cosine/mean"] <= 1.0
+
+
+class _CountingMethod(gb.methods.Method):
+    """Gram method whose weights change every committed step (to see reuse)."""
+
+    requires = "gram"
+
+    def __init__(self):
+        self.commits = 0
+        self.calls = 0
+
+    def aggregate(self, inputs):
+        self.calls += 1
+        w = torch.tensor([1.0, float(self.commits + 1)], dtype=torch.float64)
+        return gb.methods.Aggregation(weights=w, pending=self.commits + 1)
+
+    def commit(self, pending):
+        self.commits = pending
+
+    def state_dict(self):
+        return {"commits": self.commits}
+
+    def load_state_dict(self, state):
+        self.commits = state["commits"]
+
+
+def test_update_every_reuses_weights_with_one_backward():
+    model = MultiTaskNet(2)
+    x, y = make_batch(2)
+    method = _CountingMethod()
+    opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.0), method,
+                         shared_params=model.trunk, update_every=3)
+    engines, weights = [], []
+    for _ in range(7):
+        opt.zero_grad()
+        _, losses = task_losses(model, x, y)
+        info = opt.backward(losses)
+        engines.append(info.engine)
+        weights.append(info.weights.tolist())
+        if info.engine == "reused":  # the reused step equals a plain weighted backward
+            got = {n: p.grad.clone() for n, p in model.named_parameters()}
+            model.zero_grad()
+            _, losses = task_losses(model, x, y)
+            (losses[0] * weights[-1][0] + losses[1] * weights[-1][1]).backward()
+            for n, p in model.named_parameters():
+                torch.testing.assert_close(got[n], p.grad, atol=1e-6, rtol=0)
+        opt.step()
+    assert engines == ["loop", "reused", "reused", "loop", "reused", "reused", "loop"]
+    assert method.calls == 3 and method.commits == 3
+    assert weights[1] == weights[0] == [1.0, 1.0] and weights[3] == [1.0, 2.0]
+    state = opt.state_dict()
+    fresh = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.0), _CountingMethod(),
+                           shared_params=model.trunk, update_every=3)
+    fresh.load_state_dict(state)
+    opt.zero_grad()
+    fresh.zero_grad()
+    _, losses = task_losses(model, x, y)
+    info = fresh.backward(losses)
+    assert info.engine == "reused" and info.weights.tolist() == [1.0, 3.0]
