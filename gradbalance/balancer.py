@@ -216,11 +216,18 @@ class Balancer:
         return shared
 
     def _check_reach(self, names: tuple[str, ...], values: list[Tensor], shared: list[Tensor]) -> None:
-        """Graph walk: every loss must reach a shared parameter (once per task set)."""
+        """Every loss must reach a shared parameter (checked once per task set).
+
+        A graph walk settles it for free in eager mode; where it finds nothing (compiled graphs
+        hide their parameters inside one opaque node) one ``autograd.grad`` confirms it.
+        """
         if self._checked == names:
             return
         for name, v in zip(names, values):
-            if not any(jacobian.reached_parameters(v, shared)):
+            if any(jacobian.reached_parameters(v, shared)):
+                continue
+            grads = torch.autograd.grad(v, shared, retain_graph=True, allow_unused=True)
+            if all(g is None for g in grads):
                 raise ValueError(
                     f"loss {name!r} does not reach any shared parameter; check shared_params "
                     "or whether the loss was computed from detached tensors"
@@ -357,17 +364,24 @@ class Balancer:
         engine = self._pick_engine(features, shared)
         if engine == "batched":
             self._check_reach(names, values, shared)
-        tg = jacobian.task_gradients(
-            values, shared, heads, engine=engine, features=features, chunk_size=self.chunk_size
-        )
+        try:
+            tg = jacobian.task_gradients(
+                values, shared, heads, engine=engine, features=features, chunk_size=self.chunk_size
+            )
+        except RuntimeError as err:
+            if engine != "batched":
+                raise
+            # e.g. compiled (inductor) graphs with out= kernels that vmap cannot run at all
+            tg = jacobian.task_gradients(values, shared, heads, engine="loop")
+            tg.fallback = (f"{type(err).__name__}: {str(err).splitlines()[0][:120]}",)
         engine_name = tg.engine
         if tg.fallback:
             engine_name = f"batched (fallback: {', '.join(tg.fallback)})"
-            if self.engine == "auto" or not self._use_loop:
+            if not self._use_loop:
                 warnings.warn(
-                    "gradbalance: the batched engine has no vmap batching rule for "
-                    f"{', '.join(tg.fallback)}; this step was exact but slow, later steps use the "
-                    "loop engine",
+                    "gradbalance: the batched engine could not batch "
+                    f"{', '.join(tg.fallback)} (no vmap batching rule); this step is exact, "
+                    "later steps use the loop engine",
                     RuntimeWarning,
                     stacklevel=4,
                 )

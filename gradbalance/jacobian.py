@@ -226,9 +226,16 @@ def task_gradients(
         on_z.append(grads[0] is not None)
         gz.append(grads[0] if grads[0] is not None else torch.zeros_like(features))
         head_grads.append(list(grads[1:]))
+    missing = [i for i, ok in enumerate(on_z) if not ok]
+    if missing:
+        raise ValueError(
+            f"loss(es) {missing} do not depend on `features`: pass the representation tensor the "
+            "heads actually read (with torch.compile of the whole model the returned features are "
+            "a separate output; compile trunk and heads separately, or omit features=)"
+        )
     grads, reached_p, fallback = _batched_grad(features, shared, torch.stack(gz), chunk_size)
     matrix = torch.cat([g.reshape(k, -1) for g in grads], dim=1)
-    reached = on_z if any(reached_p) else [False] * k
+    reached = [True] * k if any(reached_p) else [False] * k
     return TaskGradients(matrix, head_grads, reached, "batched", fallback)
 
 
