@@ -12,4 +12,4 @@ from gradbalance.optim import GradBalance, backward
 
 __version__ = "0.1.0"
 
-__all__ = ["GradBalance", "StepInfo", "available_methods", "backward", "methods", "__version__"]
+__all__ = ["GradBalance", "StepInfo", "__version__", "available_methods", "backward", "methods"]

@@ -21,20 +21,20 @@ Everything stays on the parameters' device and dtype; nothing here synchronises 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "TaskGradients",
-    "task_gradients",
     "feature_gradients",
-    "weighted_gradients",
-    "reached_parameters",
-    "graph_leaves",
     "flatten",
+    "graph_leaves",
+    "reached_parameters",
+    "task_gradients",
+    "weighted_gradients",
 ]
 
 

@@ -123,7 +123,8 @@ def test_weights_are_applied_to_shared_and_heads():
     (torch.stack(losses) * w).sum().backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.1), FixedWeights(w), shared_params=model.trunk)
+    opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.1), FixedWeights(w),
+                         shared_params=model.trunk)
     _, losses = task_losses(model, x, y)
     opt.backward(losses)
     for n, p in model.named_parameters():
@@ -185,7 +186,7 @@ def test_accumulation_exact_equals_one_big_batch():
     for part in range(4):
         sl = slice(8 * part, 8 * part + 8)
         _, losses = task_losses(model, x[sl], y[sl])
-        opt.backward([l / 4 for l in losses])
+        opt.backward([loss / 4 for loss in losses])
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, big[n], atol=1e-6, rtol=0)
 
@@ -347,7 +348,7 @@ def test_step_hooks_and_closure():
         opt.zero_grad()
         _, losses = task_losses(model, x, y)
         opt.backward(losses)
-        return sum(float(l.detach()) for l in losses)
+        return sum(float(loss.detach()) for loss in losses)
 
     loss = opt.step(closure)
     assert calls == ["pre", "post"] and loss > 0
@@ -448,7 +449,8 @@ def test_step_info_to_dict():
     _, losses = task_losses(model, x, y)
     flat = opt.backward(losses).to_dict()
     assert flat["engine"] == "loop"
-    assert {"weight/task0", "loss/task2", "grad_norm/task1", "cosine/mean", "cosine/min", "conflicts"} <= set(flat)
+    keys = {"weight/task0", "loss/task2", "grad_norm/task1", "cosine/mean", "cosine/min", "conflicts"}
+    assert keys <= set(flat)
     assert -1.0 <= flat["cosine/min"] <= flat["cosine/mean"] <= 1.0
 
 

@@ -12,11 +12,11 @@ from gradbalance.methods.linear import Mean, Sum
 
 __all__ = [
     "Aggregation",
+    "Mean",
     "Method",
+    "Sum",
     "TaskInputs",
     "available_methods",
     "make_method",
     "register",
-    "Mean",
-    "Sum",
 ]

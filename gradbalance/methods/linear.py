@@ -6,7 +6,7 @@ import torch
 
 from gradbalance.methods.base import Aggregation, Method, TaskInputs, register
 
-__all__ = ["Sum", "Mean"]
+__all__ = ["Mean", "Sum"]
 
 
 @register("sum", "Linear scalarization: the plain sum of the task losses (weights 1)")
