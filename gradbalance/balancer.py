@@ -475,7 +475,7 @@ class Balancer:
         present = [g for g in grads if g is not None]
         if not present:
             raise ValueError("the losses reach none of the optimizer's parameters")
-        total = torch.stack([g.float().abs().sum() for g in present]).sum()
+        total = torch.stack(torch._foreach_norm(present)).sum()
         if not bool(torch.isfinite(total)):
             raise _NonFinite(f"the combined gradient of tasks {list(names)} contains NaN or inf")
 
@@ -485,7 +485,7 @@ class Balancer:
             if g is None:
                 continue
             if p.grad is None:
-                p.grad = g.detach().clone()
+                p.grad = g.detach()  # a fresh tensor from autograd.grad: no copy needed
             else:
                 p.grad.add_(g)
 

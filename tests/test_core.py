@@ -511,3 +511,14 @@ def test_update_every_reuses_weights_with_one_backward():
     _, losses = task_losses(model, x, y)
     info = fresh.backward(losses)
     assert info.engine == "reused" and info.weights.tolist() == [1.0, 3.0]
+
+
+def test_auto_engine_is_the_loop_on_cpu_even_with_features():
+    # On CPU the batched VJP measured no faster than the loop (docs/guide/engines.md), so auto
+    # must never pick it there.
+    model = MultiTaskNet(3)
+    x, y = make_batch(3)
+    opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.1), FixedWeights([1.0] * 3),
+                         shared_params=model.trunk)
+    z, losses = task_losses(model, x, y)
+    assert opt.backward(losses, features=z).engine == "loop"
