@@ -119,7 +119,7 @@ def test_end_to_end_weights_move_and_apply_to_everything():
         opt.step()
     assert info.engine == "losses"
     s_now = opt.method.log_variances
-    assert (s_now.abs() > 0.05).all()  # the log-variances moved
+    assert (s_now.abs() > 0.01).all()  # the log-variances moved (Adam: about lr per step)
     opt.zero_grad()
     x, y = make_batch(k, seed=50)
     _, losses = task_losses(model, x, y)
