@@ -151,6 +151,15 @@ def test_errors():
     assert isinstance(gb.methods.make_method("pcgrad"), PCGrad)
 
 
+def test_one_loss_raises_before_anything_is_written():
+    model = MultiTaskNet(1)
+    opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.1), "pcgrad", shared_params=model.trunk)
+    _, losses = task_losses(model, *make_batch(1))
+    with pytest.raises(ValueError, match="at least 2 task losses"):
+        opt.backward(losses)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_resume_is_bit_identical():
     assert_resume_bit_identical(lambda: PCGrad(seed=5), k=4)
 
@@ -175,5 +184,8 @@ def test_end_to_end_heads_get_their_own_gradient_and_shared_gets_the_surgery(red
             assert torch.equal(p.grad, expected * hw.to(expected.dtype))
     # the shared gradient is one of the 8 vector-form PCGrad results
     got = torch.cat([p.grad.reshape(-1) for p in trunk]).double()
+    # ... it is the combination of the task gradients that StepInfo reports
+    torch.testing.assert_close(got, info.weights @ g, atol=1e-5, rtol=0)
+    torch.testing.assert_close(info.weights, info.extras["coefficients"].sum(0))
     candidates = [reference(g, o).sum(0) * float(hw) for o in all_orders(3)]
     assert min(float((got - c).abs().max()) for c in candidates) < 1e-5
