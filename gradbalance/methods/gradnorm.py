@@ -1,0 +1,173 @@
+"""GradNorm, implemented from the paper (there is no official code)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_num_tasks, register
+
+__all__ = ["GradNorm"]
+
+OPTIMIZERS = ("adam", "sgd")
+_BETAS, _EPS = (0.9, 0.999), 1e-8
+_KINK = 1e-12  # |G_i - target_i| below this (relative) counts as 0: the subgradient at the kink
+
+
+@register("gradnorm", "GradNorm (Chen et al. 2018): learned weights that balance gradient norms")
+class GradNorm(Method):
+    """Gradient Normalization (GradNorm): task weights learned to equalise training rates.
+
+    With learned weights ``w`` (``w_i(0) = 1``, ``sum_i w_i = k``), ``n_i = ||grad_W L_i||`` on a
+    shared tensor ``W``, ``G_i = w_i n_i``, ``r_i = (L_i / L_i(0)) / mean_j(L_j / L_j(0))``:
+
+    ``L_grad = sum_i |G_i - const(mean_j(G_j) * r_i^alpha)|``,
+    ``dL_grad / dw_i = sign(G_i - target_i) * n_i`` (closed form: the target is a constant and
+    ``G_i`` is linear in ``w_i``, so no second-order backward is needed and none leaks into
+    the network). The model is updated with ``sum_i w_i L_i`` using the CURRENT ``w``; ``w`` is
+    then stepped by the method's own optimizer (no weight decay), clamped at 0 and renormalised
+    to sum to ``k`` when the wrapped optimizer steps.
+
+    Args:
+        alpha: asymmetry ``alpha >= 0`` (default 1.5, the paper's NYUv2 value; 0 equalises the
+            norms).
+        lr: learning rate ``> 0`` of the weights' optimizer (default 0.025, the paper's).
+        layer: which shared tensor is ``W``: ``None`` (default) for the last shared tensor with
+            2 or more dimensions (the last layer's weight matrix; the last tensor if none is),
+            an int index into the shared parameters, or the tensor itself.
+        optimizer: ``"adam"`` (default; betas 0.9/0.999, eps 1e-8) or ``"sgd"``.
+
+    Task-specific parameters: head ``i`` gets ``w_i`` times its task's gradient (the gradient
+    of ``sum_i w_i L_i``, as in the paper).
+
+    State: ``w``, ``L(0)`` (the losses of the first step), the optimizer's moments and step.
+
+    Cost: task gradients on ``W`` only (k passes through the part of the graph above ``W``),
+    then one backward of ``sum_i w_i L_i``. ``extras`` reports ``"layer"`` (which tensor) and
+    ``"grad_loss"`` (``L_grad``).
+
+    Deviations: the paper fixes only the sum of ``w``; we also clamp ``w >= 0`` before the
+    renormalisation so that no task gets a negative weight (then L_grad pushes it back up).
+    The paper does not name the weights' optimizer; Adam makes its step independent of the
+    scale of the gradient norms. Where ``|G_i - target_i|`` is within ``1e-12`` (relative) of 0
+    we take the subgradient 0, so identical tasks keep ``w = 1`` despite rounding.
+    With gradient accumulation ``L_i`` is the window's summed loss (keep the window fixed).
+
+    Example:
+        >>> import torch
+        >>> from gradbalance.methods import GradNorm, TaskInputs
+        >>> m = GradNorm()
+        >>> x = TaskInputs(losses=torch.tensor([1.0, 1.0], dtype=torch.float64),
+        ...                gram=torch.diag(torch.tensor([1.0, 4.0], dtype=torch.float64)))
+        >>> agg = m.aggregate(x); m.commit(agg.pending)
+        >>> agg.weights, m.weights  # the task with the larger gradient norm loses weight
+        (tensor([1., 1.], dtype=torch.float64), tensor([1.0250, 0.9750], dtype=torch.float64))
+
+    References:
+        Z. Chen, V. Badrinarayanan, C.-Y. Lee, A. Rabinovich, "GradNorm: Gradient Normalization
+        for Adaptive Loss Balancing in Deep Multitask Networks", ICML 2018, Algorithm 1.
+    """
+
+    requires = "gram"
+
+    def __init__(self, alpha: float = 1.5, lr: float = 0.025, layer: int | Tensor | None = None,
+                 optimizer: str = "adam") -> None:
+        if not float(alpha) >= 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        if not float(lr) > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, (int, Tensor))):
+            raise TypeError(f"layer must be None, an int or a tensor, got {type(layer).__name__}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        self.alpha, self.lr, self.layer, self.optimizer = float(alpha), float(lr), layer, optimizer
+        self.layer_used = ""
+        self.load_state_dict({})
+
+    def hyperparameters(self) -> dict[str, Any]:
+        layer = self.layer if not isinstance(self.layer, Tensor) else f"<tensor {tuple(self.layer.shape)}>"
+        return {"alpha": self.alpha, "lr": self.lr, "layer": layer, "optimizer": self.optimizer}
+
+    @property
+    def weights(self) -> Tensor:
+        """The current weights (empty before the first step)."""
+        return self._w.clone()
+
+    def shared_subset(self, shared: list[Tensor]) -> list[Tensor]:
+        if self.layer is None:
+            idx = max((i for i, p in enumerate(shared) if p.dim() >= 2), default=len(shared) - 1)
+        elif isinstance(self.layer, int):
+            if not -len(shared) <= self.layer < len(shared):
+                raise ValueError(f"layer={self.layer} is out of range for {len(shared)} shared tensors")
+            idx = self.layer % len(shared)
+        else:
+            found = [i for i, p in enumerate(shared) if p is self.layer]
+            if not found:
+                raise ValueError("layer must be one of the shared parameters")
+            idx = found[0]
+        self.layer_used = f"shared[{idx}] {tuple(shared[idx].shape)}"
+        return [shared[idx]]
+
+    def aggregate(self, inputs: TaskInputs) -> Aggregation:
+        k = inputs.num_tasks
+        losses = inputs.losses.detach().double()
+        first = self._w.numel() == 0
+        if not first:
+            check_num_tasks(self._w.numel(), k, "GradNorm")
+        w = torch.ones_like(losses) if first else self._w.to(losses.device)
+        l0 = losses if first else self._l0.to(losses.device)
+        if bool((l0 <= 0).any()):
+            raise ValueError(f"GradNorm needs positive losses (ratios to L(0)), got L(0) = {l0.tolist()}")
+        norms = inputs.gram.diagonal().double().clamp_min(0).sqrt()
+        ratio = losses / l0
+        mean = ratio.mean()  # all losses 0 (a perfect fit): every rate is equal
+        r = ratio / mean if bool(mean > 0) else torch.ones_like(ratio)
+        g = w * norms
+        target = g.mean() * r.pow(self.alpha)
+        diff = g - target
+        diff = torch.where(diff.abs() <= _KINK * target.abs().max(), torch.zeros_like(diff), diff)
+        grad = torch.sign(diff) * norms
+        return Aggregation(
+            weights=w.clone(),
+            extras={"layer": self.layer_used, "grad_loss": float(diff.abs().sum()),
+                    "inverse_rate": r},
+            pending={"grad": grad, "losses": losses},
+        )
+
+    def commit(self, pending: dict[str, Tensor]) -> None:
+        grad = pending["grad"].cpu()
+        if self._w.numel() == 0:
+            k = grad.numel()
+            self._w, self._l0 = torch.ones(k, dtype=torch.float64), pending["losses"].cpu().clone()
+            self._m, self._v = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+        self._t += 1
+        if self.optimizer == "sgd":
+            w = self._w - self.lr * grad
+        else:
+            b1, b2 = _BETAS
+            self._m = b1 * self._m + (1 - b1) * grad
+            self._v = b2 * self._v + (1 - b2) * grad * grad
+            m_hat, v_hat = self._m / (1 - b1**self._t), self._v / (1 - b2**self._t)
+            w = self._w - self.lr * m_hat / (v_hat.sqrt() + _EPS)
+        w = w.clamp_min(0.0)
+        k = w.numel()
+        self._w = w * (k / w.sum()) if bool(w.sum() > 0) else torch.ones_like(w)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"w": self._w.clone(), "l0": self._l0.clone(), "m": self._m.clone(),
+                "v": self._v.clone(), "t": self._t}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:  # a fresh method
+            empty = torch.zeros(0, dtype=torch.float64)
+            self._w, self._l0, self._m, self._v, self._t = empty, empty, empty, empty, 0
+            return
+        if set(state) != {"w", "l0", "m", "v", "t"}:
+            raise ValueError(f"GradNorm state needs keys w, l0, m, v, t; got {sorted(state)}")
+        sizes = {state[key].numel() for key in ("w", "l0", "m", "v")}
+        if len(sizes) != 1:
+            raise ValueError("GradNorm state tensors w, l0, m, v must have the same length")
+        self._w, self._l0 = state["w"].double().clone(), state["l0"].double().clone()
+        self._m, self._v, self._t = state["m"].double().clone(), state["v"].double().clone(), int(state["t"])

@@ -1,0 +1,115 @@
+"""DWA: hand-computed weights from loss histories, epoch/step windows, purity, resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import gradbalance as gb
+from gradbalance.methods import DWA, TaskInputs
+from tests.classics_helpers import assert_resume_bit_identical
+
+D = torch.float64
+
+
+def run(m: DWA, losses) -> torch.Tensor:
+    agg = m.aggregate(TaskInputs(losses=torch.tensor(losses, dtype=D)))
+    m.commit(agg.pending)
+    return agg.weights
+
+
+def softmax_k(r, T):
+    e = [math.exp(x / T) for x in r]
+    return [len(r) * x / sum(e) for x in e]
+
+
+def test_hand_computed_epoch_weights():
+    m = DWA()
+    # epoch 1: two steps, mean (2, 3); epoch 2: one step, mean (1, 3); no weighting yet
+    assert run(m, [1.0, 2.0]).tolist() == [1.0, 1.0]
+    assert run(m, [3.0, 4.0]).tolist() == [1.0, 1.0]
+    m.epoch_end()
+    assert run(m, [1.0, 3.0]).tolist() == [1.0, 1.0]
+    m.epoch_end()
+    # epoch 3: r = (1/2, 3/3), lambda = 2 softmax(r / 2)
+    expected = softmax_k([0.5, 1.0], 2.0)
+    torch.testing.assert_close(run(m, [9.0, 9.0]), torch.tensor(expected, dtype=D), atol=1e-14, rtol=0)
+    run(m, [1.0, 1.0])  # the weights stay fixed within an epoch
+    m.epoch_end()  # epoch 3 mean (5, 5): r = (5/1, 5/3)
+    expected = softmax_k([5.0, 5.0 / 3.0], 2.0)
+    torch.testing.assert_close(run(m, [1.0, 1.0]), torch.tensor(expected, dtype=D), atol=1e-14, rtol=0)
+
+
+def test_hand_computed_step_window_and_temperature():
+    m = DWA(temperature=0.5, window="step")
+    history = [[4.0, 1.0, 2.0], [2.0, 1.0, 3.0], [1.0, 2.0, 3.0]]
+    assert run(m, history[0]).tolist() == [1.0] * 3
+    assert run(m, history[1]).tolist() == [1.0] * 3
+    expected = softmax_k([2 / 4, 1 / 1, 3 / 2], 0.5)
+    torch.testing.assert_close(run(m, history[2]), torch.tensor(expected, dtype=D), atol=1e-14, rtol=0)
+    expected = softmax_k([1 / 2, 2 / 1, 3 / 3], 0.5)
+    torch.testing.assert_close(run(m, [1.0, 1.0, 1.0]), torch.tensor(expected, dtype=D), atol=1e-14, rtol=0)
+
+
+def test_weights_sum_to_k_and_favour_the_slow_task():
+    gen = torch.Generator().manual_seed(0)
+    m = DWA(window="step")
+    for _ in range(30):
+        w = run(m, (torch.rand(5, generator=gen, dtype=D) + 0.1).tolist())
+        assert float(w.sum()) == pytest.approx(5.0, abs=1e-12)
+    m = DWA(window="step")
+    for t in range(3):
+        w = run(m, [0.5**t, 0.9**t])  # task 1 falls more slowly
+    assert w[1] > 1 > w[0]
+
+
+def test_only_committed_steps_count():
+    m = DWA(window="step")
+    run(m, [1.0, 1.0])
+    run(m, [1.0, 2.0])
+    before = m.state_dict()
+    m.aggregate(TaskInputs(losses=torch.tensor([100.0, 0.01], dtype=D)))  # never committed
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) if torch.is_tensor(before[k]) else before[k] == after[k]
+               for k in before)
+    torch.testing.assert_close(run(m, [5.0, 5.0]), torch.tensor(softmax_k([1.0, 2.0], 2.0), dtype=D))
+
+
+def test_epoch_end_without_steps_warns():
+    m = DWA()
+    with pytest.warns(RuntimeWarning, match="no step"):
+        m.epoch_end()
+    assert m.state_dict()["averages"] == 0
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="temperature"):
+        DWA(temperature=0)
+    with pytest.raises(ValueError, match="window"):
+        DWA(window="batch")
+    m = DWA(window="step")
+    run(m, [1.0, 1.0])
+    with pytest.raises(ValueError, match="2 tasks but got 3"):
+        run(m, [1.0, 1.0, 1.0])
+    run(m, [0.0, 1.0])  # a zero average: fine as a numerator ...
+    run(m, [1.0, 1.0])
+    with pytest.raises(ValueError, match="positive"):  # ... not as a denominator
+        run(m, [1.0, 1.0])
+    with pytest.raises(ValueError, match="keys"):
+        m.load_state_dict({"sum": torch.zeros(2)})
+    assert isinstance(gb.methods.make_method("dwa"), DWA)
+
+
+def test_resume_is_bit_identical_epoch_window():
+    def hook(opt, s):
+        if s % 2 == 1:
+            opt.method.epoch_end()
+
+    infos = assert_resume_bit_identical(lambda: DWA(), k=3, before=5, after=5, hook=hook)
+    assert any((info.weights != 1).any() for info in infos)
+
+
+def test_resume_is_bit_identical_step_window():
+    assert_resume_bit_identical(lambda: DWA(window="step"), k=3)

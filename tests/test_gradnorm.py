@@ -1,0 +1,170 @@
+"""GradNorm: closed-form weight gradient vs autograd, invariants, dynamics, resume, end to end."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import gradbalance as gb
+from gradbalance.methods import GradNorm, TaskInputs
+from tests.classics_helpers import assert_resume_bit_identical
+from tests.helpers import MultiTaskNet, make_batch, task_losses
+
+D = torch.float64
+
+
+def step(m: GradNorm, losses, norms) -> torch.Tensor:
+    norms = torch.as_tensor(norms, dtype=D)
+    agg = m.aggregate(TaskInputs(losses=torch.as_tensor(losses, dtype=D), gram=torch.diag(norms**2)))
+    m.commit(agg.pending)
+    return agg.weights
+
+
+def test_weight_gradient_matches_autograd_on_the_paper_formulation():
+    # a real shared layer W and three losses; G_i = ||grad_W (w_i L_i)|| by double backward
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(4, 5, generator=gen, dtype=D, requires_grad=True)
+    xs = [torch.randn(8, 4, generator=gen, dtype=D) for _ in range(3)]
+    losses = [((x @ W).tanh() - c).pow(2).mean() for x, c in zip(xs, (0.1, -0.4, 0.7))]
+    gW = torch.stack([torch.autograd.grad(l, W, retain_graph=True)[0].reshape(-1) for l in losses])
+    L = torch.stack([l.detach() for l in losses])
+    m = GradNorm(alpha=1.5)
+    w0, l0 = torch.tensor([0.7, 1.5, 0.8], dtype=D), L * torch.tensor([1.3, 2.0, 1.1], dtype=D)
+    state = m.state_dict()
+    state.update(w=w0, l0=l0, m=torch.zeros(3, dtype=D), v=torch.zeros(3, dtype=D))
+    m.load_state_dict(state)
+    agg = m.aggregate(TaskInputs(losses=L, gram=gW @ gW.T))
+
+    w = w0.clone().requires_grad_(True)
+    G = torch.stack([
+        torch.autograd.grad(w[i] * losses[i], W, create_graph=True, retain_graph=True)[0].norm()
+        for i in range(3)
+    ])
+    r = (L / l0) / (L / l0).mean()
+    target = (G.mean() * r**1.5).detach()
+    l_grad = (G - target).abs().sum()
+    (expected,) = torch.autograd.grad(l_grad, w)
+    torch.testing.assert_close(agg.pending["grad"], expected, atol=1e-12, rtol=1e-10)
+    assert agg.extras["grad_loss"] == pytest.approx(float(l_grad.detach()), rel=1e-12)
+    assert torch.equal(agg.weights, w0)  # the model is updated with the CURRENT weights
+    assert (expected != 0).all()
+
+
+@pytest.mark.parametrize("optimizer,lr", [("adam", 0.3), ("sgd", 2.0)])
+def test_weights_sum_to_k_and_stay_nonnegative(optimizer, lr):
+    gen = torch.Generator().manual_seed(1)
+    m = GradNorm(lr=lr, optimizer=optimizer)
+    hit_zero = False
+    for _ in range(200):
+        losses = torch.rand(4, generator=gen, dtype=D) + 0.05
+        norms = torch.rand(4, generator=gen, dtype=D) * torch.tensor([1.0, 10.0, 0.1, 3.0], dtype=D)
+        step(m, losses, norms)
+        w = m.weights
+        assert float(w.sum()) == pytest.approx(4.0, abs=1e-12)
+        assert (w >= 0).all()
+        hit_zero |= bool((w == 0).any())
+    assert hit_zero  # the clamp was exercised
+
+
+def test_identical_tasks_keep_unit_weights():
+    m = GradNorm()
+    g = torch.tensor([0.3, -1.1, 2.0], dtype=D)
+    for t in range(50):
+        loss = 2.0 * math.exp(-0.05 * t)
+        gram = torch.full((3, 3), float(g @ g), dtype=D)
+        agg = m.aggregate(TaskInputs(losses=torch.full((3,), loss, dtype=D), gram=gram))
+        m.commit(agg.pending)
+        assert torch.equal(agg.weights, torch.ones(3, dtype=D))
+    assert torch.equal(m.weights, torch.ones(3, dtype=D))
+
+
+def test_task_whose_loss_falls_more_slowly_gains_weight():
+    m = GradNorm()
+    for t in range(40):
+        step(m, [math.exp(-0.1 * t), math.exp(-0.01 * t)], [1.0, 1.0])
+    w = m.weights
+    assert w[1] > 1.2 and w[0] < 0.8
+
+
+def test_alpha_zero_equalises_the_weighted_gradient_norms():
+    m = GradNorm(alpha=0.0)
+    norms = torch.tensor([1.0, 2.0, 4.0], dtype=D)
+    for _ in range(400):
+        step(m, [1.0, 0.5, 2.0], norms)
+    expected = 3 / norms / (1 / norms).sum()  # w_i n_i equal, sum w = 3
+    torch.testing.assert_close(m.weights, expected, atol=0.08, rtol=0)
+
+
+def test_first_step_sets_L0_and_rates_are_relative_to_it():
+    m = GradNorm()
+    step(m, [2.0, 4.0], [1.0, 1.0])
+    assert m.state_dict()["l0"].tolist() == [2.0, 4.0]
+    agg = m.aggregate(TaskInputs(losses=torch.tensor([1.0, 4.0], dtype=D), gram=torch.eye(2, dtype=D)))
+    # ratios 0.5 and 1, mean 0.75
+    torch.testing.assert_close(agg.extras["inverse_rate"], torch.tensor([2 / 3, 4 / 3], dtype=D))
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="alpha"):
+        GradNorm(alpha=-1)
+    with pytest.raises(ValueError, match="lr"):
+        GradNorm(lr=0)
+    with pytest.raises(ValueError, match="optimizer"):
+        GradNorm(optimizer="lbfgs")
+    with pytest.raises(TypeError, match="layer"):
+        GradNorm(layer="last")
+    with pytest.raises(ValueError, match="positive losses"):
+        GradNorm().aggregate(TaskInputs(losses=torch.tensor([0.0, 1.0], dtype=D), gram=torch.eye(2, dtype=D)))
+    m = GradNorm()
+    step(m, [1.0, 1.0], [1.0, 1.0])
+    with pytest.raises(ValueError, match="2 tasks but got 3"):
+        step(m, [1.0, 1.0, 1.0], [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="keys"):
+        m.load_state_dict({"w": torch.ones(2)})
+    shared = list(MultiTaskNet(2).trunk.parameters())
+    with pytest.raises(ValueError, match="out of range"):
+        GradNorm(layer=7).shared_subset(shared)
+    with pytest.raises(ValueError, match="one of the shared"):
+        GradNorm(layer=torch.zeros(2)).shared_subset(shared)
+
+
+def test_layer_selection():
+    model = MultiTaskNet(2)
+    shared = list(model.trunk.parameters())  # w0, b0, w2, b2
+    assert GradNorm().shared_subset(shared)[0] is model.trunk[2].weight  # last weight matrix
+    assert GradNorm(layer=-1).shared_subset(shared)[0] is model.trunk[2].bias
+    m = GradNorm(layer=model.trunk[0].weight)
+    assert m.shared_subset(shared)[0] is model.trunk[0].weight and m.layer_used == "shared[0] (16, 6)"
+
+
+def test_resume_is_bit_identical():
+    assert_resume_bit_identical(lambda: GradNorm(lr=0.1), k=3)
+
+
+def test_end_to_end_weights_move_and_are_applied_to_shared_and_heads():
+    k = 3
+    model = MultiTaskNet(k)
+    opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.05), "gradnorm", shared_params=model.trunk)
+    for s in range(15):
+        x, y = make_batch(k, seed=s)
+        opt.zero_grad()
+        _, losses = task_losses(model, x, y)
+        info = opt.backward(losses)
+        opt.step()
+    assert info.extras["layer"] == "shared[2] (16, 16)"
+    w = opt.method.weights
+    assert float(w.sum()) == pytest.approx(3.0) and (w - 1).abs().max() > 0.1
+    # the applied gradient is that of sum_i w_i L_i, on the trunk and on every head
+    opt.zero_grad()
+    x, y = make_batch(k, seed=99)
+    _, losses = task_losses(model, x, y)
+    info = opt.backward(losses)
+    assert torch.equal(info.weights, w)
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    _, losses = task_losses(model, x, y)
+    (torch.stack(losses) * w.float()).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, atol=1e-6, rtol=1e-6)

@@ -1,0 +1,133 @@
+"""Uncertainty weighting: Kendall's objective, its stationary point, closed-form gradient, resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import gradbalance as gb
+from gradbalance.methods import UW, TaskInputs
+from tests.classics_helpers import assert_resume_bit_identical
+from tests.helpers import MultiTaskNet, make_batch, task_losses
+
+D = torch.float64
+KINDS = ["regression", "classification", "regression"]
+
+
+def kendall_total(losses, s, kinds):
+    """Eqs. 7 and 10 of the paper in sigma: L/(2 sigma^2) + log sigma, L/sigma^2 + log sigma."""
+    sigma = torch.exp(s / 2)
+    terms = [l / (2 * sg**2) if kd == "regression" else l / sg**2 for l, sg, kd in zip(losses, sigma, kinds)]
+    return torch.stack(terms).sum() + torch.log(sigma).sum()
+
+
+def with_s(m: UW, s) -> UW:
+    s = torch.as_tensor(s, dtype=D)
+    m.load_state_dict({"s": s, "m": torch.zeros_like(s), "v": torch.zeros_like(s), "t": 0})
+    return m
+
+
+def test_weights_total_and_gradient_match_the_paper():
+    s0 = torch.tensor([0.3, -1.2, 2.0], dtype=D)
+    losses = torch.tensor([0.8, 2.5, 0.05], dtype=D)
+    agg = with_s(UW(kind=KINDS), s0).aggregate(TaskInputs(losses=losses))
+    torch.testing.assert_close(agg.weights, torch.tensor([0.5, 1.0, 0.5], dtype=D) * torch.exp(-s0))
+    s = s0.clone().requires_grad_(True)
+    total = kendall_total(losses, s, KINDS)
+    (grad,) = torch.autograd.grad(total, s)
+    assert agg.extras["total"] == pytest.approx(float(total.detach()), rel=1e-12)
+    torch.testing.assert_close(agg.pending["grad"], grad, atol=1e-12, rtol=1e-12)
+    # and the weights are d total / d L_i
+    L = losses.clone().requires_grad_(True)
+    (dl,) = torch.autograd.grad(kendall_total(L, s0, KINDS), L)
+    torch.testing.assert_close(agg.weights, dl, atol=1e-12, rtol=0)
+
+
+def test_stationary_point_is_reached_on_constant_losses():
+    # regression: s* = log L; classification: s* = log(2 L)
+    m = UW(kind=KINDS, lr=0.05)
+    losses = torch.tensor([0.2, 3.0, 40.0], dtype=D)
+    for _ in range(1500):
+        m.commit(m.aggregate(TaskInputs(losses=losses)).pending)
+    expected = torch.log(losses * torch.tensor([1.0, 2.0, 1.0], dtype=D))
+    torch.testing.assert_close(m.log_variances, expected, atol=2e-3, rtol=0)
+
+
+def test_negative_total_is_expected_and_nothing_is_clamped():
+    m = with_s(UW(), [math.log(0.01), math.log(0.02)])
+    agg = m.aggregate(TaskInputs(losses=torch.tensor([0.01, 0.02], dtype=D)))
+    # at the optimum each task contributes 1/2 + log(L)/2 < 0
+    assert agg.extras["total"] == pytest.approx(1.0 + 0.5 * math.log(0.01 * 0.02), rel=1e-12)
+    assert agg.extras["total"] < 0
+    torch.testing.assert_close(agg.weights, torch.tensor([50.0, 25.0], dtype=D))
+
+
+def test_per_task_init_and_kind():
+    agg = UW(kind=["classification", "regression"], init=[0.0, math.log(4.0)]).aggregate(
+        TaskInputs(losses=torch.ones(2, dtype=D)))
+    torch.testing.assert_close(agg.weights, torch.tensor([1.0, 0.125], dtype=D))
+
+
+def test_aggregate_is_pure_and_sgd_step_is_exact():
+    m = UW(lr=0.1, optimizer="sgd")
+    x = TaskInputs(losses=torch.tensor([2.0, 0.5], dtype=D))
+    a, b = m.aggregate(x), m.aggregate(x)
+    assert torch.equal(a.weights, b.weights) and m.log_variances.numel() == 0
+    m.commit(a.pending)
+    # ds = 1/2 - L/2 at s = 0
+    torch.testing.assert_close(m.log_variances, -0.1 * torch.tensor([0.5 - 1.0, 0.5 - 0.25], dtype=D))
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="kind"):
+        UW(kind="poisson")
+    with pytest.raises(ValueError, match="init"):
+        UW(init=float("inf"))
+    with pytest.raises(ValueError, match="lr"):
+        UW(lr=-1.0)
+    with pytest.raises(ValueError, match="optimizer"):
+        UW(optimizer="adamw")
+    with pytest.raises(ValueError, match="3 tasks but got 2"):
+        UW(kind=KINDS).aggregate(TaskInputs(losses=torch.ones(2, dtype=D)))
+    m = UW()
+    m.commit(m.aggregate(TaskInputs(losses=torch.ones(2, dtype=D))).pending)
+    with pytest.raises(ValueError, match="2 tasks but got 4"):
+        m.aggregate(TaskInputs(losses=torch.ones(4, dtype=D)))
+
+
+def test_registry_and_alias():
+    assert isinstance(gb.methods.make_method("uw"), UW)
+    assert isinstance(gb.methods.make_method("uncertainty"), UW)
+    assert "uncertainty" in gb.available_methods()
+
+
+def test_resume_is_bit_identical():
+    assert_resume_bit_identical(lambda: UW(lr=0.1), k=3)
+
+
+def test_end_to_end_weights_move_and_apply_to_everything():
+    k = 2
+    model = MultiTaskNet(k)
+    opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.05), "uw", shared_params=model.trunk)
+    for s in range(10):
+        x, y = make_batch(k, seed=s)
+        opt.zero_grad()
+        _, losses = task_losses(model, x, y)
+        info = opt.backward(losses)
+        opt.step()
+    assert info.engine == "losses"
+    s_now = opt.method.log_variances
+    assert (s_now.abs() > 0.01).all()  # the log-variances moved (Adam: about lr per step)
+    opt.zero_grad()
+    x, y = make_batch(k, seed=50)
+    _, losses = task_losses(model, x, y)
+    info = opt.backward(losses)
+    torch.testing.assert_close(info.weights, 0.5 * torch.exp(-s_now))
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    _, losses = task_losses(model, x, y)
+    (torch.stack(losses) * info.weights.float()).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, atol=1e-6, rtol=1e-6)
