@@ -62,7 +62,8 @@ class _Window:
 
     names: tuple[str, ...]
     losses: Tensor
-    grads: Tensor | None = None  # (k, P) exact-mode task gradients on the shared params
+    grads: Tensor | None = None  # (k, P) task gradients on the shared params (or the subset)
+    gram: Tensor | None = None  # representation mode: the window's summed Gram matrix
     heads: list[list[Tensor | None]] | None = None
     written: list[Tensor | None] | None = None  # what this window added to each param's .grad
     pending: Any = None
@@ -342,7 +343,14 @@ class Balancer:
             if not ok:
                 raise ValueError(f"loss {name!r} does not depend on {what}")
         grads = grads / scale
+        window = self._window if self.accumulation == "exact" else None
+        if subset is not None and window is not None and window.grads is not None:
+            grads = grads + window.grads  # same coordinates in every micro-batch: sum them
         gram = self._gram(grads, names)
+        if subset is None and window is not None and window.gram is not None:
+            # features of different samples occupy disjoint coordinates of the concatenated
+            # batch, so the window's Gram matrix is the sum of the micro-batches' ones
+            gram = gram + window.gram
         agg = self._aggregate(
             TaskInputs(losses=losses, gram=gram, grads=grads if self.method.requires == "grads" else None,
                        task_names=names, step=self.step_count)
@@ -354,7 +362,10 @@ class Balancer:
             out = self._reweight_heads(values, params, out, agg.head_weights)
         self._check_finite(out, names, scale)
         self._add_to_grad(params, out)
-        self._close(names, losses, agg, written=None)
+        if subset is None:
+            self._close(names, losses, agg, written=None, gram=gram)
+        else:
+            self._close(names, losses, agg, written=None, grads=grads)
         return self._info(names, losses, agg, gram, engine)
 
     # -- path 3: exact task gradients on the shared parameters
@@ -506,7 +517,7 @@ class Balancer:
                 p.grad.add_(g)
 
     def _close(self, names, losses, agg: Aggregation, written, grads=None, heads=None,
-               commit: bool = True) -> None:
+               commit: bool = True, gram: Tensor | None = None) -> None:
         """Record the window's totals and the pending method state (nothing before this line
         of a step changes any state)."""
         exact = self.accumulation == "exact"
@@ -516,6 +527,7 @@ class Balancer:
             window.grads = grads
             window.heads = heads
             window.written = written
+            window.gram = gram
         window.pending = agg.pending
         window.has_pending = commit
         window.aggregation = agg

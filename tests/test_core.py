@@ -522,3 +522,32 @@ def test_auto_engine_is_the_loop_on_cpu_even_with_features():
                          shared_params=model.trunk)
     z, losses = task_losses(model, x, y)
     assert opt.backward(losses, features=z).engine == "loop"
+
+
+def test_subset_gradients_accumulate_over_the_window():
+    # GradNorm-style methods see per-task gradients on one layer: under accumulation they must
+    # see the window's summed gradients, as one big batch would.
+    seen = []
+
+    class LastLayer(gb.methods.Method):
+        requires = "gram"
+
+        def shared_subset(self, shared):
+            return [shared[-2]]
+
+        def aggregate(self, inputs):
+            seen.append(inputs.gram.clone())
+            return gb.methods.Aggregation(weights=torch.ones(inputs.num_tasks, dtype=torch.float64))
+
+    model = MultiTaskNet(2)
+    x, y = make_batch(2, n=32)
+    opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.1), LastLayer(), shared_params=model.trunk)
+    _, losses = task_losses(model, x, y)
+    opt.backward(losses)
+    opt.zero_grad()
+    for part in range(4):
+        sl = slice(8 * part, 8 * part + 8)
+        _, losses = task_losses(model, x[sl], y[sl])
+        opt.backward([loss / 4 for loss in losses])
+    torch.testing.assert_close(seen[-1], seen[0], rtol=1e-6, atol=1e-9)
+    assert not torch.allclose(seen[1], seen[0])
