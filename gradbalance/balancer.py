@@ -131,6 +131,7 @@ class Balancer:
         self._window: _Window | None = None
         self._use_loop = False  # set once the batched path has fallen back
         self._checked: tuple[str, ...] | None = None  # task set whose graph was checked
+        self._unnamed_k: int | None = None  # number of losses last passed as a list
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -246,6 +247,15 @@ class Balancer:
     ) -> StepInfo:
         """Compute, combine and write the gradients of one (micro-)batch; see the module doc."""
         names, values = self._prepare(losses)
+        if not isinstance(losses, Mapping):
+            previous = self._unnamed_k
+            if previous is not None and previous != len(values) and self.method.state_dict():
+                raise ValueError(
+                    f"got {len(values)} losses but {previous} at the previous step, and "
+                    f"{type(self.method).__name__} keeps state between steps: pass losses as a "
+                    "dict {name: loss or None} so that tasks are matched by name"
+                )
+            self._unnamed_k = len(values)
         window = self._window
         if window is not None and window.names != names:
             raise ValueError(

@@ -551,3 +551,27 @@ def test_subset_gradients_accumulate_over_the_window():
         opt.backward([loss / 4 for loss in losses])
     torch.testing.assert_close(seen[-1], seen[0], rtol=1e-6, atol=1e-9)
     assert not torch.allclose(seen[1], seen[0])
+
+
+def test_missing_task_in_dict_and_changing_list_length():
+    model = MultiTaskNet(3)
+    x, y = make_batch(3)
+    opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.1), "uw", shared_params=model.trunk)
+    for present in (("a", "b", "c"), ("a", "b", "c"), ("a", "c")):
+        opt.zero_grad()
+        _, losses = task_losses(model, x, y)
+        full = dict(zip("abc", losses))
+        info = opt.backward({n: (full[n] if n in present else None) for n in "abc"})
+        assert info.task_names == present
+        if present == ("a", "c"):  # b has no labels: its head gets no gradient
+            assert model.heads[1].weight.grad is None
+        opt.step()
+    assert opt.method.tasks == ("a", "b", "c")
+    # unnamed losses whose number changes are refused for a method with state
+    opt2 = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.1), "uw", shared_params=model.trunk)
+    _, losses = task_losses(model, x, y)
+    opt2.backward(losses)
+    opt2.step()
+    _, losses = task_losses(model, x, y)
+    with pytest.raises(ValueError, match="matched by name"):
+        opt2.backward(losses[:2])

@@ -25,7 +25,8 @@ def kendall_total(losses, s, kinds):
 
 def with_s(m: UW, s) -> UW:
     s = torch.as_tensor(s, dtype=D)
-    m.load_state_dict({"s": s, "m": torch.zeros_like(s), "v": torch.zeros_like(s), "t": 0})
+    m.load_state_dict({"tasks": [f"task{i}" for i in range(len(s))], "s": s, "m": torch.zeros_like(s),
+                       "v": torch.zeros_like(s), "t": torch.zeros(len(s), dtype=torch.int64)})
     return m
 
 
@@ -89,8 +90,8 @@ def test_errors():
         UW(lr=-1.0)
     with pytest.raises(ValueError, match="optimizer"):
         UW(optimizer="adamw")
-    with pytest.raises(ValueError, match="3 tasks but got 2"):
-        UW(kind=KINDS).aggregate(TaskInputs(losses=torch.ones(2, dtype=D)))
+    with pytest.raises(ValueError, match="3 values of kind but has seen 4 tasks"):
+        UW(kind=KINDS).aggregate(TaskInputs(losses=torch.ones(4, dtype=D)))
     m = UW()
     m.commit(m.aggregate(TaskInputs(losses=torch.ones(2, dtype=D))).pending)
     with pytest.raises(ValueError, match="2 tasks but got 4"):
@@ -131,3 +132,28 @@ def test_end_to_end_weights_move_and_apply_to_everything():
     (torch.stack(losses) * info.weights.float()).sum().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(got[n], p.grad, atol=1e-6, rtol=1e-6)
+
+
+def test_missing_tasks_keep_their_state():
+    """Tasks are keyed by name: an absent task's s and moments stay untouched until it returns."""
+    m = UW(lr=0.1)
+
+    def step(losses: dict):
+        names = tuple(losses)
+        agg = m.aggregate(TaskInputs(losses=torch.tensor(list(losses.values()), dtype=D), task_names=names))
+        m.commit(agg.pending)
+        return agg
+
+    step({"depth": 2.0, "seg": 0.5})
+    step({"depth": 2.0, "seg": 0.5})
+    frozen = m.state_dict()
+    step({"depth": 1.0})                       # seg has no labels in this batch
+    state = m.state_dict()
+    i = state["tasks"].index("seg")
+    assert state["s"][i] == frozen["s"][i] and state["m"][i] == frozen["m"][i]
+    assert state["t"].tolist() == [3, 2]
+    assert state["s"][0] != frozen["s"][0]
+    agg = step({"normal": 1.0, "seg": 0.5})    # seg returns, a new task starts at init
+    assert m.tasks == ("depth", "seg", "normal")
+    expected = 0.5 * torch.exp(-torch.stack([torch.tensor(0.0, dtype=D), frozen["s"][i]]))
+    torch.testing.assert_close(agg.weights, expected)  # order of this step: normal, seg

@@ -45,8 +45,10 @@ class UW(Method):
     Task-specific parameters: head ``i`` gets ``c_i exp(-s_i)`` times its task's gradient (the
     gradient of the total loss, as in the paper).
 
-    State: ``s`` and the optimizer's moments and step, stepped when the wrapped optimizer steps
-    (the user never adds ``s`` to an optimizer). ``extras`` reports ``"log_variance"`` (``s``)
+    State: ``s`` and the optimizer's moments and step count, per task name, stepped when the
+    wrapped optimizer steps (the user never adds ``s`` to an optimizer). Tasks are keyed by
+    name: pass losses as a dict with ``None`` for a task without labels in a batch and its
+    ``s`` and moments are left untouched until it returns (a new name starts at ``init``). ``extras`` reports ``"log_variance"`` (``s``)
     and ``"total"``, the value of the objective, which is NEGATIVE whenever ``L_i < 1/(2 c_i)``
     at the optimum: that is expected, not a bug, and nothing is clamped.
 
@@ -91,59 +93,78 @@ class UW(Method):
 
     @property
     def log_variances(self) -> Tensor:
-        """The current ``s = log sigma^2`` (empty before the first step)."""
+        """The current ``s = log sigma^2``, one per task seen, in :attr:`tasks` order."""
         return self._s.clone()
 
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The task names the state is kept for, in first-seen order."""
+        return tuple(self._tasks)
+
     def _per_task(self, values: list, k: int, what: str) -> Tensor:
-        if len(values) > 1:
-            check_num_tasks(len(values), k, f"UW ({what} per task)")
-        return torch.tensor(values * (k if len(values) == 1 else 1), dtype=torch.float64)
+        if len(values) > 1 and len(values) < k:
+            raise ValueError(f"UW got {len(values)} values of {what} but has seen {k} tasks")
+        return torch.tensor(values * k if len(values) == 1 else values[:k], dtype=torch.float64)
 
     def aggregate(self, inputs: TaskInputs) -> Aggregation:
         k = inputs.num_tasks
+        if not inputs.task_names and self._tasks:  # unnamed tasks are positional
+            check_num_tasks(len(self._tasks), k, "UW")
+        names = list(inputs.task_names) or [f"task{i}" for i in range(k)]
+        tasks = self._tasks + [n for n in names if n not in self._tasks]
+        index = torch.tensor([tasks.index(n) for n in names])
         losses = inputs.losses.detach().double()
-        c = self._per_task([KINDS[kd] for kd in self._kinds], k, "kind").to(losses.device)
-        if self._s.numel() == 0:
-            s = self._per_task(self._inits, k, "init").to(losses.device)
-        else:
-            check_num_tasks(self._s.numel(), k, "UW")
-            s = self._s.to(losses.device)
+        n_all = len(tasks)
+        c_all = self._per_task([KINDS[kd] for kd in self._kinds], n_all, "kind")
+        s_all = torch.cat([self._s, self._per_task(self._inits, n_all, "init")[len(self._tasks):]])
+        s, c = s_all[index].to(losses.device), c_all[index].to(losses.device)
         weights = c * torch.exp(-s)
         total = (weights * losses + 0.5 * s).sum()
         return Aggregation(
             weights=weights,
             extras={"total": float(total), "log_variance": s.clone()},
-            pending={"s": s.cpu(), "grad": (0.5 - weights * losses).cpu()},
+            pending={"tasks": tasks, "s": s_all, "index": index, "grad": (0.5 - weights * losses).cpu()},
         )
 
-    def commit(self, pending: dict[str, Tensor]) -> None:
-        s, grad = pending["s"], pending["grad"]
-        if self._s.numel() == 0:
-            self._m, self._v = torch.zeros_like(s), torch.zeros_like(s)
-        self._t += 1
+    def commit(self, pending: dict[str, Any]) -> None:
+        """Step ``s`` of the tasks present in this step; absent tasks keep their state."""
+        s, grad, index = pending["s"].clone(), pending["grad"], pending["index"]
+        grow = len(pending["tasks"]) - len(self._tasks)
+        zeros = torch.zeros(grow, dtype=torch.float64)
+        self._m, self._v = torch.cat([self._m, zeros]), torch.cat([self._v, zeros])
+        self._t = torch.cat([self._t, torch.zeros(grow, dtype=torch.int64)])
+        self._tasks = list(pending["tasks"])
+        self._t[index] += 1
         if self.optimizer == "sgd":
-            self._s = s - self.lr * grad
+            s[index] = s[index] - self.lr * grad
+            self._s = s
             return
         b1, b2 = _BETAS
-        self._m = b1 * self._m + (1 - b1) * grad
-        self._v = b2 * self._v + (1 - b2) * grad * grad
-        m_hat, v_hat = self._m / (1 - b1**self._t), self._v / (1 - b2**self._t)
-        self._s = s - self.lr * m_hat / (v_hat.sqrt() + _EPS)
+        m = self._m[index] = b1 * self._m[index] + (1 - b1) * grad
+        v = self._v[index] = b2 * self._v[index] + (1 - b2) * grad * grad
+        t = self._t[index].double()
+        m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
+        s[index] = s[index] - self.lr * m_hat / (v_hat.sqrt() + _EPS)
+        self._s = s
 
     def state_dict(self) -> dict[str, Any]:
-        return {"s": self._s.clone(), "m": self._m.clone(), "v": self._v.clone(), "t": self._t}
+        return {"tasks": list(self._tasks), "s": self._s.clone(), "m": self._m.clone(),
+                "v": self._v.clone(), "t": self._t.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:  # a fresh method
             empty = torch.zeros(0, dtype=torch.float64)
-            self._s, self._m, self._v, self._t = empty, empty, empty, 0
+            self._tasks: list[str] = []
+            self._s, self._m, self._v = empty, empty, empty
+            self._t = torch.zeros(0, dtype=torch.int64)
             return
-        if set(state) != {"s", "m", "v", "t"}:
-            raise ValueError(f"UW state needs keys s, m, v, t; got {sorted(state)}")
-        if len({state[key].numel() for key in ("s", "m", "v")}) != 1:
-            raise ValueError("UW state tensors s, m, v must have the same length")
+        if set(state) != {"tasks", "s", "m", "v", "t"}:
+            raise ValueError(f"UW state needs keys tasks, s, m, v, t; got {sorted(state)}")
+        if len({len(state["tasks"])} | {state[key].numel() for key in ("s", "m", "v", "t")}) != 1:
+            raise ValueError("UW state: tasks, s, m, v and t must have the same length")
+        self._tasks = [str(n) for n in state["tasks"]]
         self._s, self._m = state["s"].double().clone(), state["m"].double().clone()
-        self._v, self._t = state["v"].double().clone(), int(state["t"])
+        self._v, self._t = state["v"].double().clone(), state["t"].long().clone()
 
 
 register_factory("uncertainty", "Alias of 'uw' (uncertainty weighting, Kendall et al. 2018)", UW)
