@@ -48,9 +48,10 @@ class UW(Method):
     State: ``s`` and the optimizer's moments and step count, per task name, stepped when the
     wrapped optimizer steps (the user never adds ``s`` to an optimizer). Tasks are keyed by
     name: pass losses as a dict with ``None`` for a task without labels in a batch and its
-    ``s`` and moments are left untouched until it returns (a new name starts at ``init``). ``extras`` reports ``"log_variance"`` (``s``)
-    and ``"total"``, the value of the objective, which is NEGATIVE whenever ``L_i < 1/(2 c_i)``
-    at the optimum: that is expected, not a bug, and nothing is clamped.
+    ``s`` and moments are left untouched until it returns (a new name starts at ``init``).
+    ``extras`` reports ``"log_variance"`` (``s``) and ``"total"``, the value of the objective,
+    which is NEGATIVE whenever ``L_i < 1/(2 c_i)`` at the optimum: that is expected, not a bug,
+    and nothing is clamped.
 
     Cost: one ordinary backward per step (no per-task gradients).
 
