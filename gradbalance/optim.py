@@ -216,10 +216,13 @@ class GradBalance(torch.optim.Optimizer):
             :class:`~gradbalance.StepInfo` (also kept as :attr:`last_info`).
 
         Raises:
-            TypeError: losses not a list/dict of tensors.
-            ValueError: empty losses, a non-scalar, NaN/inf or detached loss, a loss that
-                reaches no shared parameter, a NaN/inf task gradient (without a scaler), a
-                changing number of tasks for a method with per-task state. Nothing is changed.
+            TypeError: losses not a list/dict of tensors, or ``features`` not a tensor.
+            ValueError: empty losses, a non-scalar, NaN/inf or detached loss, duplicate task
+                names, a loss that reaches no shared parameter (or, in representation mode,
+                does not depend on ``features``), a NaN/inf task gradient (without a scaler),
+                a representation-mode method called without ``features``, tasks that differ
+                from the earlier calls of the current accumulation window, a changing number
+                of tasks for a method with per-task state. Nothing is changed.
         """
         info = self._balancer.backward(losses, features=features, scaler=scaler)
         self.last_info = info

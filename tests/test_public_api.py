@@ -51,8 +51,8 @@ def _resolve(path: str):
     raise ImportError(path)
 
 
-def directives() -> list[tuple[str, object, list[str] | None]]:
-    """Every ``::: path`` of the docs: (path, object, the ``members:`` list or None)."""
+def directives() -> list[tuple[str, object, dict[str, list[str]]]]:
+    """Every ``::: path`` of the docs: (path, object, its ``members:``/``filters:`` lists)."""
     found = []
     for page in sorted(DOCS.rglob("*.md")):
         lines = page.read_text(encoding="utf-8").splitlines()
@@ -60,32 +60,46 @@ def directives() -> list[tuple[str, object, list[str] | None]]:
             m = _DIRECTIVE.match(line)
             if not m:
                 continue
-            members = None
+            options: dict[str, list[str]] = {}
             j = i + 1
             while j < len(lines) and (lines[j].startswith(" ") or not lines[j].strip()):
-                if lines[j].strip() == "members:":
-                    members = []
+                key = lines[j].strip()
+                if key in ("members:", "filters:"):
+                    values = options.setdefault(key[:-1], [])
                     k = j + 1
                     while k < len(lines) and lines[k].strip().startswith("- "):
-                        members.append(lines[k].strip()[2:].strip())
+                        values.append(lines[k].strip()[2:].strip().strip("\"'"))
                         k += 1
-                elif lines[j].strip() == "members: false":
-                    members = []
+                elif key == "members: false":
+                    options["members"] = []
                 j += 1
-            found.append((m["path"], _resolve(m["path"]), members))
+            found.append((m["path"], _resolve(m["path"]), options))
     return found
 
 
+def _passes(name: str, filters: list[str]) -> bool:
+    """mkdocstrings' member filters: '!regex' excludes, a plain regex must match."""
+    positive = [f for f in filters if not f.startswith("!")]
+    if any(re.search(f[1:], name) for f in filters if f.startswith("!")):
+        return False
+    return not positive or any(re.search(f, name) for f in positive)
+
+
 def _documented(name: str, obj: object, found) -> bool:
-    for _, target, members in found:
+    for _, target, options in found:
         if target is obj:
             return True
-        if (
-            isinstance(target, types.ModuleType)
-            and getattr(obj, "__module__", None) == target.__name__
-            and getattr(target, name, None) is obj
-            and (members is None or name in members)
-        ):
+        if not isinstance(target, types.ModuleType) or getattr(target, name, None) is not obj:
+            continue
+        members = options.get("members")
+        if members is not None:
+            if name in members:
+                return True
+            continue
+        # no members list: the module's public members are rendered, i.e. what it defines
+        # and what its __all__ re-exports, less what the filters drop
+        exported = name in getattr(target, "__all__", ()) or getattr(obj, "__module__", None) == target.__name__
+        if exported and _passes(name, options.get("filters", ["!^_"])):
             return True
     return False
 
