@@ -4,14 +4,18 @@
 :func:`gradbalance.backward`. It keeps what must survive between calls: the method, the shared
 parameters (explicit or inferred on the first step) and the *accumulation window*.
 
-The accumulation window is everything between two optimizer steps. Every call of
-:meth:`Balancer.backward` in a window adds its per-task losses (and, in exact mode, its per-task
-gradients) to the window's totals, re-runs the method on the totals from the state of the last
-committed step, and rewrites its contribution to ``.grad``. So ``n`` micro-batches followed by
-one step give the update of one call on the concatenated batch; the cost is keeping the
-``k x P`` task-gradient matrix between calls (``accumulation="exact"``, the default).
-``accumulation="combine"`` combines each call on its own and just adds the results, like
-calling ``backward`` per micro-batch would, and keeps nothing.
+The accumulation window is everything between two optimizer steps. With
+``accumulation="exact"`` (the default), every call of :meth:`Balancer.backward` in a window adds
+its per-task losses to the window's totals and re-runs the method on them from the state of the
+last committed step. On the exact path (task gradients on all shared parameters) it also adds
+its per-task gradients to the window's totals and rewrites the window's contribution to
+``.grad``, so ``n`` micro-batches followed by one step give the update of one call on the
+concatenated batch; the cost is keeping the ``k x P`` task-gradient matrix between calls. On
+the losses path, each call's gradient is weighted with the weights computed from the window's
+totals so far and earlier calls are not re-weighted (exact when the weights do not depend on
+the current losses); in representation mode and for a method's ``shared_subset``, each call is
+weighted from its own gradients. ``accumulation="combine"`` combines each call on its own and
+just adds the results, like calling ``backward`` per micro-batch would, and keeps nothing.
 
 Errors are raised before anything is written: parameters, ``.grad``, optimizer state and method
 state are left exactly as they were.
@@ -461,7 +465,7 @@ class Balancer:
         if self.engine == "batched":
             return "batched"
         # auto: the batched VJP pays off on accelerators where kernel launches dominate and the
-        # representation is known; on CPU it measured no faster than the loop (docs/engines.md).
+        # representation is known; on CPU it measured no faster than the loop (docs/guide/engines.md).
         if features is not None and shared[0].device.type != "cpu":
             return "batched"
         return "loop"

@@ -34,17 +34,33 @@ class StepInfo:
     Attributes:
         weights: ``(k,)`` weights applied to the task gradients on the shared parameters (for
             methods that return an explicit direction, the coefficients of that direction in the
-            task gradients when the method reports them, else ``None``).
-        losses: ``(k,)`` detached per-task loss values, unscaled.
+            task gradients when the method reports them, else ``None``); ``None`` on a step
+            skipped for a ``GradScaler`` overflow.
+        losses: ``(k,)`` detached per-task loss values, unscaled, after the static
+            ``task_weights``; with ``accumulation="exact"``, summed over the calls of the
+            current accumulation window.
         grad_norms: ``(k,)`` norms of the per-task gradients the method saw (on the shared
             parameters, or on the features in representation mode); ``None`` for methods that
             need no per-task gradients (computing them would cost k backward passes).
         cosine: ``(k, k)`` cosine similarities of those gradients, or ``None`` as above.
         engine: which path produced the task gradients: ``"loop"``, ``"batched"``,
             ``"representation"``, ``"losses"`` (no per-task gradients), with ``" (fallback: ...)"``
-            appended when the batched path fell back to the loop.
+            appended when the batched path fell back to the loop; ``"skipped"`` when a
+            ``GradScaler`` overflow made the step a no-op (the reason is in
+            ``extras["non_finite"]``).
         task_names: the task names, in the order of ``weights``.
         extras: method-specific values (solver status, number of projections, ...).
+
+    Example:
+        >>> import torch, gradbalance as gb
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
+        >>> info = gb.backward({"a": w.sum() ** 2, "b": (w[0] - 2) ** 2}, [w], method="mean")
+        >>> info.task_names, info.engine
+        (('a', 'b'), 'losses')
+        >>> info.weights
+        tensor([0.5000, 0.5000], dtype=torch.float64)
+        >>> info.to_dict()
+        {'engine': 'losses', 'loss/a': 0.0, 'weight/a': 0.5, 'loss/b': 1.0, 'weight/b': 0.5}
     """
 
     weights: Tensor | None

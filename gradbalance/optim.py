@@ -48,17 +48,21 @@ class GradBalance(torch.optim.Optimizer):
             memory at ``chunk_size x P``. ``None``: all tasks at once.
         task_weights: static task weights applied to the losses before the method (a sequence,
             or a dict ``{task name: weight}``).
-        accumulation: ``"exact"`` (default: several ``backward`` calls before one ``step`` give
-            the update of the concatenated batch; keeps the ``k x P`` task gradients until the
-            step) or ``"combine"`` (each call combined on its own, results summed).
+        accumulation: ``"exact"`` (default: the losses, and for methods on the exact path the
+            task gradients, are summed over the ``backward`` calls before one ``step`` and the
+            method re-run on the totals, which gives the update of the concatenated batch for
+            those methods; keeps the ``k x P`` task gradients until the step; see the
+            accumulation guide for loss-only and representation-mode methods) or
+            ``"combine"`` (each call combined on its own, results summed).
         update_every: for methods that need per-task gradients, recompute the weights every
             ``update_every`` steps and reuse the last ones in between, at the cost of one
             ordinary backward (``StepInfo.engine == "reused"``). Default 1 (every step).
 
     Raises:
         TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``, or bad argument types.
-        ValueError: unknown method name (the message lists the valid ones), bad engine or
-            chunk size, or shared parameters the optimizer does not hold.
+        ValueError: unknown method name (the message lists the valid ones), bad engine,
+            chunk size or accumulation mode, empty shared parameters, or shared parameters the
+            optimizer does not hold.
 
     Example:
         >>> import torch, gradbalance as gb
@@ -218,10 +222,13 @@ class GradBalance(torch.optim.Optimizer):
             :class:`~gradbalance.StepInfo` (also kept as :attr:`last_info`).
 
         Raises:
-            TypeError: losses not a list/dict of tensors.
-            ValueError: empty losses, a non-scalar, NaN/inf or detached loss, a loss that
-                reaches no shared parameter, a NaN/inf task gradient (without a scaler), a
-                changing number of tasks for a method with per-task state. Nothing is changed.
+            TypeError: losses not a list/dict of tensors, or ``features`` not a tensor.
+            ValueError: empty losses, a non-scalar, NaN/inf or detached loss, duplicate task
+                names, a loss that reaches no shared parameter (or, in representation mode,
+                does not depend on ``features``), a NaN/inf task gradient (without a scaler),
+                a representation-mode method called without ``features``, tasks that differ
+                from the earlier calls of the current accumulation window, a changing number
+                of tasks for a method with per-task state. Nothing is changed.
         """
         info = self._balancer.backward(losses, features=features, scaler=scaler)
         self.last_info = info
@@ -249,10 +256,18 @@ def backward(
         method: a registered name or a method object.
         params: every parameter to write gradients into; default: every leaf tensor that
             requires grad and that the losses reach.
-        features, engine, chunk_size: as for :class:`GradBalance`.
+        features: the shared representation ``z`` every head reads, as for
+            :meth:`GradBalance.backward`.
+        engine: ``"auto"``, ``"loop"`` or ``"batched"``, as for :class:`GradBalance`.
+        chunk_size: tasks per batched call, as for :class:`GradBalance`.
 
     Returns:
         :class:`~gradbalance.StepInfo`.
+
+    Raises:
+        TypeError, ValueError: as :meth:`GradBalance.backward`; nothing is changed. Unlike
+            the wrapper, there is no ``scaler=``, no ``task_weights=`` and no accumulation
+            window: each call is combined on its own (``accumulation="combine"``).
 
     Example:
         >>> import torch, gradbalance as gb

@@ -7,8 +7,8 @@ A method never calls ``backward()`` and never touches a model: it maps what the 
 Methods are *pure within a step*: :meth:`Method.aggregate` must not change the method's state.
 Any change (a learned weight's update, a loss history, a random generator's advance) is returned
 as ``Aggregation.pending`` and applied by :meth:`Method.commit` when the wrapped optimizer really
-steps. This is what makes gradient accumulation exact (the method is re-run on the accumulated
-inputs of every micro-batch from the same state), lets ``GradScaler`` skip a step without touching
+steps. This is what lets exact-mode gradient accumulation re-run the method on the accumulated
+inputs of every micro-batch from the same state, lets ``GradScaler`` skip a step without touching
 method state, and leaves everything unchanged when a step raises.
 """
 
@@ -38,8 +38,9 @@ class TaskInputs:
     """What the engine hands a method for one step.
 
     Attributes:
-        losses: ``(k,)`` detached loss values (summed over the micro-batches of the current
-            accumulation window), in float64 on the parameters' device.
+        losses: ``(k,)`` detached loss values after the static ``task_weights``, in float64 on
+            the losses' device. With ``accumulation="exact"``, summed over the calls of the
+            current accumulation window so far; with ``"combine"``, this call's only.
         gram: ``(k, k)`` Gram matrix ``M = G G^T`` of the task gradients, float64, or ``None`` for
             methods with ``requires = "losses"``.
         grads: ``(k, P)`` task gradients, flattened, for methods with ``requires = "grads"``;
@@ -103,6 +104,18 @@ class Method:
     mode: str = "exact"
 
     def aggregate(self, inputs: TaskInputs) -> Aggregation:  # pragma: no cover - abstract
+        """Map one step's inputs to an :class:`Aggregation`, without changing any state.
+
+        Called once per ``backward`` call (several times per optimizer step under gradient
+        accumulation, each time from the state of the last committed step); return the state
+        change as ``Aggregation.pending``.
+
+        Args:
+            inputs: the losses, and the Gram matrix or gradients if :attr:`requires` asks.
+
+        Returns:
+            The weights (or direction) to apply, with diagnostics and the pending state.
+        """
         raise NotImplementedError
 
     def commit(self, pending: Any) -> None:
@@ -117,9 +130,16 @@ class Method:
         return shared
 
     def state_dict(self) -> dict[str, Any]:
+        """The method's state: tensors, ints and floats only (saved under ``"gradbalance"``
+        in the wrapper's ``state_dict()``). Default: ``{}`` (stateless)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` so that training continues bit-identically.
+
+        Raises:
+            ValueError: a stateless method is given a non-empty state.
+        """
         if state:
             raise ValueError(f"{type(self).__name__} is stateless but got state {sorted(state)}")
 
@@ -138,7 +158,15 @@ _REGISTRY: dict[str, tuple[Callable[[], Method], str]] = {}
 
 
 def register(name: str, description: str) -> Callable[[type], type]:
-    """Class decorator: make ``method=name`` build ``cls()`` with the paper's defaults."""
+    """Class decorator: make ``method=name`` build ``cls()`` with the paper's defaults.
+
+    Args:
+        name: the lower-case registry name.
+        description: one line for :func:`available_methods`.
+
+    Raises:
+        ValueError: the name is already registered.
+    """
 
     def wrap(cls: type) -> type:
         if name in _REGISTRY:
@@ -157,12 +185,34 @@ def register_factory(name: str, description: str, factory: Callable[[], Method])
 
 
 def available_methods() -> dict[str, str]:
-    """Every registered method name with a one-line description, sorted by name."""
+    """Every registered method name with a one-line description, sorted by name.
+
+    Returns:
+        ``{name: description}``; each name is a valid ``method=`` argument.
+
+    Example:
+        >>> import gradbalance as gb
+        >>> "mean" in gb.available_methods() and "sum" in gb.available_methods()
+        True
+        >>> gb.available_methods()["sum"]
+        'Linear scalarization: the plain sum of the task losses (weights 1)'
+    """
     return {name: desc for name, (_, desc) in sorted(_REGISTRY.items())}
 
 
 def make_method(method: str | Method) -> Method:
-    """Turn a registered name or a :class:`Method` instance into a method instance."""
+    """Turn a registered name (case-insensitive) or a :class:`Method` instance into a method
+    instance; an instance is returned as it is.
+
+    Raises:
+        ValueError: an unknown name (the message lists the valid ones).
+        TypeError: a method class instead of an instance, or another type.
+
+    Example:
+        >>> from gradbalance.methods import make_method
+        >>> make_method("Mean")
+        Mean()
+    """
     if isinstance(method, Method):
         return method
     if isinstance(method, type) and issubclass(method, Method):
