@@ -269,9 +269,11 @@ class Balancer:
         if features is not None and not isinstance(features, Tensor):
             raise TypeError(f"features must be a tensor, got {type(features).__name__}")
         scale = 1.0
-        if scaler is not None and scaler.is_enabled():
-            # scaler.scale() also initialises the scaler's state on its first use
-            values = list(scaler.scale(torch.stack(values)).unbind())
+        scaled = scaler is not None and scaler.is_enabled()
+        if scaled:
+            # Scale each loss on its own (a stacked tensor would route every task's backward
+            # through every other task's graph); scale() also initialises the scaler's state.
+            values = [scaler.scale(v) for v in values]
             scale = float(scaler.get_scale())
         params = self._all_params()
         method = self.method
@@ -295,7 +297,7 @@ class Balancer:
                 return self._subset_step(names, values, params, inputs_losses, scale, None, subset)
             return self._exact_step(names, values, params, inputs_losses, scale, features)
         except _NonFinite as err:
-            if scale == 1.0:
+            if not scaled:
                 raise
             # Under a GradScaler a non-finite gradient is an overflow, not an error: poison one
             # gradient so that scaler.step() skips the step (and with it the method's commit),
@@ -536,7 +538,7 @@ class Balancer:
         of a step changes any state)."""
         exact = self.accumulation == "exact"
         window = self._window if self._window is not None else _Window(names=names, losses=losses)
-        window.losses = losses if exact else window.losses + losses
+        window.losses = losses  # in "combine" mode only the current call's losses matter
         if exact:
             window.grads = grads
             window.heads = heads

@@ -235,7 +235,8 @@ def check_num_tasks(expected: int | None, got: int, method: str) -> None:
         raise ValueError(
             f"{method} keeps per-task state for {expected} tasks but got {got} losses; "
             "the number of tasks must not change between steps (pass losses as a dict with "
-            "None for missing tasks, or call method.reset())"
+            "None for missing tasks where the method keys its state by task name, or start a new "
+            "method object)"
         )
 
 
