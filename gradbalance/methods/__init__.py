@@ -8,7 +8,15 @@ from gradbalance.methods.base import (
     make_method,
     register,
 )
+from gradbalance.methods.config import ConFIG
+from gradbalance.methods.db_mtl import DBMTL
+from gradbalance.methods.fairgrad import FairGrad
+from gradbalance.methods.famo import FAMO
+from gradbalance.methods.gls import GLS
+from gradbalance.methods.graddrop import GradDrop
+from gradbalance.methods.gradvac import GradVac
 from gradbalance.methods.linear import Mean, Sum
+from gradbalance.methods.stch import STCH
 
 __all__ = [
     "Aggregation",
@@ -17,6 +25,14 @@ __all__ = [
     "available_methods",
     "make_method",
     "register",
+    "ConFIG",
+    "DBMTL",
+    "FAMO",
+    "FairGrad",
+    "GLS",
+    "GradDrop",
+    "GradVac",
     "Mean",
+    "STCH",
     "Sum",
 ]
