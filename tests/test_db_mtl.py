@@ -106,7 +106,7 @@ def test_validation():
 
 
 def test_end_to_end_step_and_heads():
-    agg, info = check_one_step("db_mtl")
+    _, info = check_one_step("db_mtl")
     assert info.weights is None and "alpha" in info.extras
 
 

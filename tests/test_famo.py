@@ -115,7 +115,7 @@ def test_validation():
 
 
 def test_end_to_end_step_and_heads():
-    agg, info = check_one_step("famo")
+    _, info = check_one_step("famo")
     torch.testing.assert_close(info.weights.sum(), torch.tensor(1.0, dtype=torch.float64))
 
 
