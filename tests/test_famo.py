@@ -122,3 +122,13 @@ def test_end_to_end_step_and_heads():
 def test_determinism_and_resume():
     check_deterministic(FAMO)
     check_resume_bit_identical(FAMO)
+
+
+def test_invariant_to_task_order():
+    seq = [[1.0, 2.0, 4.0], [0.9, 1.9, 3.0], [0.8, 1.0, 2.9]]
+    perm = [2, 0, 1]
+    a, b = FAMO(), FAMO()
+    for losses in seq:
+        wa = _step(a, losses).weights
+        wb = _step(b, [losses[p] for p in perm]).weights
+        torch.testing.assert_close(wb, wa[perm], rtol=1e-12, atol=0)

@@ -92,3 +92,12 @@ def test_end_to_end_step_and_heads():
 def test_determinism_and_resume():
     check_deterministic(GradDrop)
     check_resume_bit_identical(GradDrop)
+
+
+def test_invariant_to_task_order():
+    # the purity and the draw do not depend on the order of the tasks, so neither does the result
+    gen = torch.Generator().manual_seed(8)
+    g = torch.randn(4, 100, generator=gen, dtype=torch.float64)
+    d = _run(GradDrop(seed=3), g).direction
+    d_perm = _run(GradDrop(seed=3), g[torch.tensor([3, 1, 0, 2])]).direction
+    torch.testing.assert_close(d_perm, d, rtol=1e-12, atol=1e-12)
