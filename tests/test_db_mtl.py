@@ -113,3 +113,41 @@ def test_end_to_end_step_and_heads():
 def test_determinism_and_resume():
     check_deterministic(DBMTL)
     check_resume_bit_identical(DBMTL)
+
+
+def test_training_matches_a_direct_implementation_of_the_recursion():
+    # an independent loop: gradients of log L_i by autograd, the EMA, the rescaled sum on the
+    # shared parameters, the gradient of log L_i on each head
+    k = 3
+    a = MultiTaskNet(k)
+    b = copy.deepcopy(a)
+    opt = gb.GradBalance(torch.optim.Adam(a.parameters(), lr=1e-2), "db_mtl", shared_params=a.trunk)
+    ref = torch.optim.Adam(b.parameters(), lr=1e-2)
+    shared = list(b.trunk.parameters())
+    ema = None
+    for s in range(6):
+        x, y = make_batch(k, seed=s)
+        opt.zero_grad()
+        opt.backward(task_losses(a, x, y)[1])
+        opt.step()
+        ref.zero_grad()
+        logs = [torch.log(v) for v in task_losses(b, x, y)[1]]
+        rows = []
+        for i, v in enumerate(logs):
+            rows.append(
+                torch.cat(
+                    [g.reshape(-1) for g in torch.autograd.grad(v, shared, retain_graph=True)]
+                )
+            )
+            v.backward(inputs=list(b.heads[i].parameters()), retain_graph=True)
+        g = torch.stack(rows)
+        ema = 0.1 * g if ema is None else 0.9 * ema + 0.1 * g
+        n = ema.norm(dim=1)
+        new = (n.max() / n) @ ema
+        offset = 0
+        for p in shared:
+            p.grad = new[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        ref.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
