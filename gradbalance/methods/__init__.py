@@ -8,25 +8,41 @@ from gradbalance.methods.base import (
     make_method,
     register,
 )
+from gradbalance.methods.config import ConFIG
+from gradbalance.methods.db_mtl import DBMTL
 from gradbalance.methods.dwa import DWA
+from gradbalance.methods.fairgrad import FairGrad
+from gradbalance.methods.famo import FAMO
+from gradbalance.methods.gls import GLS
+from gradbalance.methods.graddrop import GradDrop
 from gradbalance.methods.gradnorm import GradNorm
+from gradbalance.methods.gradvac import GradVac
 from gradbalance.methods.linear import Mean, Sum
 from gradbalance.methods.pcgrad import PCGrad
 from gradbalance.methods.rlw import RLW
+from gradbalance.methods.stch import STCH
 from gradbalance.methods.uncertainty import UW
 
 __all__ = [
-    "DWA",
-    "RLW",
-    "UW",
     "Aggregation",
-    "GradNorm",
-    "Mean",
     "Method",
-    "PCGrad",
-    "Sum",
     "TaskInputs",
     "available_methods",
     "make_method",
     "register",
+    "ConFIG",
+    "DBMTL",
+    "DWA",
+    "FAMO",
+    "FairGrad",
+    "GLS",
+    "GradDrop",
+    "GradNorm",
+    "GradVac",
+    "Mean",
+    "PCGrad",
+    "RLW",
+    "STCH",
+    "Sum",
+    "UW",
 ]

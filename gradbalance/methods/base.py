@@ -100,6 +100,10 @@ class Method:
     """
 
     requires: ClassVar[Requires] = "gram"
+    #: ``True`` for ``requires="losses"`` methods whose weights depend on the current loss
+    #: values (FAMO, GLS, STCH): under accumulation each micro-batch is then weighted from the
+    #: window's running loss totals, which differs from one big batch (see the accumulation guide).
+    loss_dependent: ClassVar[bool] = False
     name: ClassVar[str] = ""
     mode: str = "exact"
 

@@ -1,0 +1,147 @@
+"""GradVac: the paper's closed-form correction, its Gram form, the EMA targets, state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradbalance as gb
+from gradbalance.methods import GradVac, TaskInputs
+from tests.modern_checks import check_deterministic, check_one_step, check_resume_bit_identical
+
+
+def _inputs(g: torch.Tensor) -> TaskInputs:
+    return TaskInputs(losses=torch.ones(g.shape[0], dtype=torch.float64), gram=g @ g.T)
+
+
+def _cos(a, b):
+    return (a @ b) / (a.norm() * b.norm())
+
+
+def _vector_reference(g, targets, orders, beta):
+    """Algorithm 1 of the paper on explicit vectors (independent of the Gram implementation)."""
+    k = g.shape[0]
+    new = targets.clone()
+    out = []
+    for i in range(k):
+        gi = g[i].clone()
+        for j in orders[i]:
+            phi = _cos(gi, g[j])
+            t = targets[i, j]
+            if phi < t:
+                gi = (
+                    gi
+                    + gi.norm()
+                    * (t * (1 - phi**2).sqrt() - phi * (1 - t**2).sqrt())
+                    / (g[j].norm() * (1 - t**2).sqrt())
+                    * g[j]
+                )
+            new[i, j] = (1 - beta) * t + beta * phi
+        out.append(gi)
+    return torch.stack(out).sum(0), new
+
+
+@pytest.mark.parametrize("target", [-0.3, 0.0, 0.4, 0.9])
+def test_two_tasks_cosine_reaches_target_exactly(target):
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(2, 7, generator=gen, dtype=torch.float64)
+    g[1] = -0.8 * g[0] + 0.3 * g[1]  # strongly conflicting: cos well below every target
+    method = GradVac(beta=0.25)
+    targets = torch.full((2, 2), target, dtype=torch.float64)
+    coef, new, count = method.vaccinate(g @ g.T, targets, [[1], [0]])
+    assert count == 2
+    for i, j in ((0, 1), (1, 0)):
+        gi = coef[i] @ g
+        # the paper's identity: after the correction cos(g_i', g_j) equals the target
+        torch.testing.assert_close(_cos(gi, g[j]), torch.tensor(target, dtype=torch.float64))
+        # only g_j was added, with a positive coefficient: the cosine moved up to the target
+        assert coef[i, i] == 1 and coef[i, j] > 0
+        phi = _cos(g[i], g[j])
+        torch.testing.assert_close(new[i, j], 0.75 * target + 0.25 * phi)
+
+
+def test_no_correction_when_cosine_is_above_target():
+    g = torch.tensor([[1.0, 0.2, 0.0], [0.8, 0.0, 0.1]], dtype=torch.float64)
+    coef, new, count = GradVac(beta=0.5).vaccinate(
+        g @ g.T, torch.zeros(2, 2, dtype=torch.float64), [[1], [0]]
+    )
+    assert count == 0 and torch.equal(coef, torch.eye(2, dtype=torch.float64))
+    torch.testing.assert_close(new[0, 1], 0.5 * _cos(g[0], g[1]))
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_gram_form_equals_vector_algorithm(k):
+    gen = torch.Generator().manual_seed(k)
+    g = torch.randn(k, 11, generator=gen, dtype=torch.float64)
+    targets = torch.rand(k, k, generator=gen, dtype=torch.float64) * 1.6 - 0.6
+    orders = [[j for j in torch.randperm(k, generator=gen).tolist() if j != i] for i in range(k)]
+    method = GradVac(beta=0.3)
+    coef, new, count = method.vaccinate(g @ g.T, targets, orders)
+    ref, ref_targets = _vector_reference(g, targets, orders, 0.3)
+    assert count > 0
+    torch.testing.assert_close(coef.sum(0) @ g, ref)
+    torch.testing.assert_close(new, ref_targets)
+
+
+def test_targets_move_toward_cosines_and_cosines_toward_targets():
+    # fixed conflicting gradients: the targets (EMA of the measured cosines) fall toward the
+    # cosine, and after each step the corrected gradient sits exactly at the old target
+    g = torch.tensor([[1.0, 0.0], [-0.6, 0.8]], dtype=torch.float64)  # cos = -0.6
+    method = GradVac(beta=0.5)
+    for step in range(4):
+        agg = method.aggregate(_inputs(g))
+        targets, _ = agg.pending
+        expected = -0.6 * (1 - 0.5 ** (step + 1))
+        torch.testing.assert_close(targets[0, 1], torch.tensor(expected, dtype=torch.float64))
+        old = -0.6 * (1 - 0.5**step)
+        g0 = agg.extras["coefficients"][0] @ g
+        torch.testing.assert_close(_cos(g0, g[1]), torch.tensor(old, dtype=torch.float64))
+        method.commit(agg.pending)
+
+
+def test_first_step_with_zero_targets_equals_pcgrad_projection():
+    # targets start at 0: each conflicting g_i is raised to be orthogonal to g_j (PCGrad's result)
+    g = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+    agg = GradVac().aggregate(_inputs(g))
+    torch.testing.assert_close(agg.weights @ g, torch.tensor([0.5, 1.5], dtype=torch.float64))
+    assert torch.equal(agg.head_weights, torch.ones(2, dtype=torch.float64))
+
+
+def test_aggregate_is_pure_and_seed_controls_orders():
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    method = GradVac(beta=0.5, seed=7)
+    a = method.aggregate(_inputs(g))
+    b = method.aggregate(_inputs(g))
+    assert torch.equal(a.weights, b.weights)
+    assert method.state_dict()["targets"].numel() == 0  # nothing committed
+    c = GradVac(beta=0.5, seed=7).aggregate(_inputs(g))
+    assert torch.equal(a.weights, c.weights)
+
+
+def test_validation():
+    for bad in (-0.1, 1.5, "x", True):
+        with pytest.raises(ValueError, match="beta"):
+            GradVac(beta=bad)
+    with pytest.raises(ValueError, match="seed"):
+        GradVac(seed=-1)
+    with pytest.raises(ValueError, match="at least 2"):
+        GradVac().aggregate(_inputs(torch.ones(1, 3, dtype=torch.float64)))
+    method = GradVac()
+    method.commit(method.aggregate(_inputs(torch.eye(3, dtype=torch.float64))).pending)
+    with pytest.raises(ValueError, match="3 tasks but got 2"):
+        method.aggregate(_inputs(torch.eye(2, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="keys"):
+        method.load_state_dict({"generator": torch.Generator().get_state()})
+    assert repr(GradVac()) == "GradVac(beta=0.01, seed=0)"
+    assert gb.available_methods()["gradvac"]
+
+
+def test_end_to_end_step_and_heads():
+    agg, info = check_one_step("gradvac")
+    assert torch.equal(info.weights, agg.weights)
+
+
+def test_determinism_and_resume():
+    check_deterministic(lambda: GradVac(beta=0.5))
+    check_resume_bit_identical(lambda: GradVac(beta=0.5))
