@@ -10,7 +10,12 @@ import torch
 
 import gradbalance as gb
 from gradbalance.methods import CAGrad
-from tests.weighted_sum_check import check_end_to_end, inputs_for, random_gradients, run_doc_snippets
+from tests.weighted_sum_check import (
+    check_end_to_end,
+    inputs_for,
+    random_gradients,
+    run_doc_snippets,
+)
 
 
 def dual_objective(grads, w, c):
@@ -38,7 +43,7 @@ def test_hand_computed_orthogonal_pair():
 @pytest.mark.parametrize("k,seed", [(2, 0), (3, 1), (5, 2), (8, 3)])
 def test_dual_solution_beats_random_points_and_vertices(c, k, seed):
     grads = random_gradients(k, seed=seed)
-    w_star, lam, _ = CAGrad(c=c).solve(grads @ grads.T)
+    w_star, _, _ = CAGrad(c=c).solve(grads @ grads.T)
     w_star = torch.from_numpy(w_star)
     assert abs(float(w_star.sum()) - 1.0) < 1e-12 and (w_star >= 0).all()
     best = dual_objective(grads, w_star, c)

@@ -9,7 +9,12 @@ import torch
 
 import gradbalance as gb
 from gradbalance.methods import DualProj
-from tests.weighted_sum_check import check_end_to_end, inputs_for, random_gradients, run_doc_snippets
+from tests.weighted_sum_check import (
+    check_end_to_end,
+    inputs_for,
+    random_gradients,
+    run_doc_snippets,
+)
 
 
 @pytest.mark.parametrize("k,p", [(2, 20), (3, 20), (5, 20), (8, 20), (6, 3)])

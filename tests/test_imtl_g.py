@@ -8,7 +8,12 @@ import torch
 import gradbalance as gb
 from gradbalance.methods import IMTLG
 from gradbalance.methods.imtl import imtl_g_weights
-from tests.weighted_sum_check import check_end_to_end, inputs_for, random_gradients, run_doc_snippets
+from tests.weighted_sum_check import (
+    check_end_to_end,
+    inputs_for,
+    random_gradients,
+    run_doc_snippets,
+)
 
 
 def coordinate_imtl_g(grads):

@@ -12,7 +12,7 @@ import torch
 
 import gradbalance as gb
 from gradbalance.methods.base import TaskInputs
-from tests.helpers import MultiTaskNet, make_batch, task_losses
+from tests.helpers import MultiTaskNet, assert_same_snapshot, make_batch, snapshot, task_losses
 
 
 def random_gradients(k: int, p: int = 20, seed: int = 0, conflict: bool = True) -> torch.Tensor:
@@ -77,7 +77,37 @@ def check_end_to_end(method, k: int = 3, features: bool = False) -> None:
 def run_doc_snippets(page: str) -> int:
     """Execute every ```python block of ``docs/methods/<page>.md``; returns how many ran."""
     text = (Path(__file__).resolve().parents[1] / "docs" / "methods" / f"{page}.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
     for block in blocks:
-        exec(compile(block, f"docs/methods/{page}.md", "exec"), {})
+        exec(compile(block, f"docs/methods/{page}.md", "exec"), {})  # noqa: S102 - our own docs
     return len(blocks)
+
+
+def check_resume(make, k: int = 3, before: int = 3, after: int = 3, features: bool = False):
+    """Save at step ``before``, load into a fresh model/optimizer/method, continue ``after`` steps:
+    parameters, gradients, optimizer state and method state must match bit for bit."""
+
+    def run(model, opt, start, steps):
+        for step in range(start, start + steps):
+            x, y = make_batch(k, seed=100 + step)
+            opt.zero_grad()
+            z, losses = task_losses(model, x.double(), y.double())
+            opt.backward(losses, features=z if features else None)
+            opt.step()
+
+    model = MultiTaskNet(k).double()
+    opt = gb.GradBalance(torch.optim.Adam(model.parameters(), lr=1e-2), make(), shared_params=model.trunk)
+    run(model, opt, 0, before)
+    saved_opt, saved_model = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    run(model, opt, before, after)
+    fresh = MultiTaskNet(k, seed=123).double()
+    fresh.load_state_dict(saved_model)
+    opt2 = gb.GradBalance(torch.optim.Adam(fresh.parameters(), lr=1e-2), make(), shared_params=fresh.trunk)
+    opt2.load_state_dict(saved_opt)
+    run(fresh, opt2, before, after)
+    assert_same_snapshot(snapshot(model, opt), snapshot(fresh, opt2))
+    sa, sb = opt.method.state_dict(), opt2.method.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]) if torch.is_tensor(sa[key]) else sa[key] == sb[key], key
+    return opt.method
