@@ -13,6 +13,10 @@ from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_num_
 
 __all__ = ["NashMTL"]
 
+# compiled cvxpy problems, one per number of tasks, shared by all instances (a cache, not state:
+# each solve sets every parameter, and solver-level warm starts are off)
+_PROBLEMS: dict[int, tuple] = {}
+
 
 @register("nash_mtl", "Nash-MTL: the Nash bargaining solution a_i (M a)_i = 1, shared norm clipped to 1")
 class NashMTL(Method):
@@ -88,7 +92,6 @@ class NashMTL(Method):
             raise ValueError(f"solver {solver!r} is not installed; available: {cp.installed_solvers()}")
         self.update_every, self.optim_niter = update_every, optim_niter
         self.max_norm, self.solver = float(max_norm), solver.upper()
-        self._problems: dict[int, tuple] = {}  # cvxpy problems per k (a cache, not state)
         self.reset()
 
     def reset(self) -> None:
@@ -99,12 +102,12 @@ class NashMTL(Method):
     def _problem(self, k: int) -> tuple:
         import cvxpy as cp
 
-        if k not in self._problems:
+        if k not in _PROBLEMS:
             a, m, c = cp.Variable(k, nonneg=True), cp.Parameter((k, k)), cp.Parameter(k)
             ma = m @ a
             cons = [cp.log(a[i]) + cp.log(ma[i]) >= 0 for i in range(k)]
-            self._problems[k] = (cp.Problem(cp.Minimize(cp.sum(ma) + c @ a), cons), a, m, c)
-        return self._problems[k]
+            _PROBLEMS[k] = (cp.Problem(cp.Minimize(cp.sum(ma) + c @ a), cons), a, m, c)
+        return _PROBLEMS[k]
 
     def solve(self, m_n: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, int, int]:
         """Convex-concave iterations on the normalised Gram matrix: ``(a~, iterations, failures)``."""
@@ -113,12 +116,21 @@ class NashMTL(Method):
         prob, a, m, c = self._problem(m_n.shape[0])
         m.value, current, failures, it = m_n, start, 0, 0
         for it in range(1, self.optim_niter + 1):
-            c.value = 1.0 / current + m_n @ (1.0 / (m_n @ current))
+            m_a = m_n @ current
+            # phi's linearisation needs a point with a > 0 and M a > 0; elsewhere (the start of
+            # ones with conflicting gradients) drop the linear term: still a bounded convex
+            # problem whose solution is such a point (the official code gets an unbounded one)
+            valid = bool(np.all(current > 0) and np.all(m_a > 0))
+            c.value = 1.0 / current + m_n @ (1.0 / m_a) if valid else np.zeros_like(current)
             try:
-                prob.solve(solver=self.solver)
+                # no solver-level warm start: the result must depend on (M, a^t) only, so that
+                # a checkpoint reloaded into a fresh process continues bit for bit
+                prob.solve(solver=self.solver, warm_start=False)
                 ok = prob.status in ("optimal", "optimal_inaccurate") and a.value is not None
                 new = None if not ok else np.asarray(a.value, dtype=np.float64)
-                ok = ok and bool(np.all(np.isfinite(new)) and np.all(new > 0))
+                # solvers can report "optimal" on infeasible data (huge a): check the constraints
+                ok = ok and bool(np.all(np.isfinite(new)) and np.all(new > 0)
+                                 and np.all(new * (m_n @ new) >= 1.0 - 1e-4))
             except (cp.error.SolverError, ArithmeticError, ValueError):
                 ok = False
             if not ok:
@@ -156,9 +168,12 @@ class NashMTL(Method):
             alpha_n = torch.from_numpy(a_n)
             alpha = alpha_n / math.sqrt(fro)
             pending = (k, alpha_n, alpha.clone(), failures)
-            residual = (alpha * (gram @ alpha) - 1.0).abs().max()
+            residual = float((alpha * (gram @ alpha) - 1.0).abs().max())
+            if residual > 1e-3:
+                warnings.warn(f"Nash-MTL: max |a_i (M a)_i - 1| = {residual:.2e} after {nit} "
+                              "iterations (raise optim_niter?)", RuntimeWarning, stacklevel=2)
             extras.update(reused=0, solver_iterations=nit, solver_failures=failures,
-                          residual=float(residual))
+                          residual=residual)
         norm = float(alpha @ gram @ alpha) ** 0.5
         clip = min(1.0, self.max_norm / (norm + 1e-6)) if self.max_norm > 0 else 1.0
         extras.update(update_norm=norm * clip, clip=clip)
