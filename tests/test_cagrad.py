@@ -40,9 +40,9 @@ def test_hand_computed_orthogonal_pair():
 
 
 @pytest.mark.parametrize("c", [0.2, 0.4, 0.9])
-@pytest.mark.parametrize("k,seed", [(2, 0), (3, 1), (5, 2), (8, 3)])
-def test_dual_solution_beats_random_points_and_vertices(c, k, seed):
-    grads = random_gradients(k, seed=seed)
+@pytest.mark.parametrize("k,p,seed", [(2, 20, 0), (3, 20, 1), (5, 20, 2), (8, 20, 3), (6, 3, 4)])
+def test_dual_solution_beats_random_points_and_vertices(c, k, p, seed):
+    grads = random_gradients(k, p, seed=seed)  # (6, 3): rank-deficient Gram matrix
     w_star, _, _ = CAGrad(c=c).solve(grads @ grads.T)
     w_star = torch.from_numpy(w_star)
     assert abs(float(w_star.sum()) - 1.0) < 1e-12 and (w_star >= 0).all()
