@@ -33,8 +33,9 @@ class NashMTL(Method):
 
     on the normalised ``M~ = M / ||M||_F`` (for conditioning; the official code normalises the
     same way), stopping when the iterate moves less than ``1e-6`` or ``max_i |a_i (M~ a)_i - 1|
-    < 1e-6``. The first iteration is warm-started from the previous step's solution (ones on
-    the first step). The solution of the raw system is ``a = a~ / sqrt(||M||_F)``, so ``a``
+    < 1e-6``. The first iteration is warm-started from the previous step's solution (on the
+    first step from ``1 / ||g_i||``, the solution's scaling, where the official code starts
+    from ones). The solution of the raw system is ``a = a~ / sqrt(||M||_F)``, so ``a``
     scales like ``1 / ||g||``: the update does not grow with the loss scale.
 
     ``max_norm`` clipping is part of the method (official code: ``clip_grad_norm_`` of the
@@ -163,8 +164,13 @@ class NashMTL(Method):
             fro = float(torch.linalg.matrix_norm(gram))
             if not fro > 0.0:
                 raise RuntimeError("Nash-MTL: every task gradient is zero")
-            start = self.alpha_n.numpy() if self.num_tasks else np.ones(k)
-            a_n, nit, failures = self.solve((gram / fro).numpy(), start)
+            m_n = (gram / fro).numpy()
+            # first step: a_i = 1 / ||g_i|| (in M~'s scale), the solution's scaling, instead of
+            # the official ones; a zero gradient keeps 1 and fails in the solver with a message
+            diag = np.sqrt(np.diag(m_n))
+            first = np.where(diag > 0, 1.0 / np.where(diag > 0, diag, 1.0), 1.0)
+            start = self.alpha_n.numpy() if self.num_tasks else first
+            a_n, nit, failures = self.solve(m_n, start)
             alpha_n = torch.from_numpy(a_n)
             alpha = alpha_n / math.sqrt(fro)
             pending = (k, alpha_n, alpha.clone(), failures)
