@@ -8,8 +8,11 @@ from gradbalance.methods.base import (
     make_method,
     register,
 )
+from gradbalance.methods.aligned_mtl import AlignedMTL
+from gradbalance.methods.cagrad import CAGrad
 from gradbalance.methods.config import ConFIG
 from gradbalance.methods.db_mtl import DBMTL
+from gradbalance.methods.dualproj import DualProj
 from gradbalance.methods.dwa import DWA
 from gradbalance.methods.fairgrad import FairGrad
 from gradbalance.methods.famo import FAMO
@@ -17,11 +20,15 @@ from gradbalance.methods.gls import GLS
 from gradbalance.methods.graddrop import GradDrop
 from gradbalance.methods.gradnorm import GradNorm
 from gradbalance.methods.gradvac import GradVac
+from gradbalance.methods.imtl import IMTLG
+from gradbalance.methods.imtl_hybrid import IMTL
 from gradbalance.methods.linear import Mean, Sum
+from gradbalance.methods.nash_mtl import NashMTL
 from gradbalance.methods.pcgrad import PCGrad
 from gradbalance.methods.rlw import RLW
 from gradbalance.methods.stch import STCH
 from gradbalance.methods.uncertainty import UW
+from gradbalance.methods.upgrad import UPGrad
 
 __all__ = [
     "Aggregation",
@@ -30,19 +37,26 @@ __all__ = [
     "available_methods",
     "make_method",
     "register",
+    "AlignedMTL",
+    "CAGrad",
     "ConFIG",
     "DBMTL",
     "DWA",
+    "DualProj",
     "FAMO",
     "FairGrad",
     "GLS",
     "GradDrop",
     "GradNorm",
     "GradVac",
+    "IMTL",
+    "IMTLG",
     "Mean",
+    "NashMTL",
     "PCGrad",
     "RLW",
     "STCH",
     "Sum",
+    "UPGrad",
     "UW",
 ]

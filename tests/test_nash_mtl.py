@@ -1,0 +1,138 @@
+"""Nash-MTL: the bargaining solution a_i (M a)_i = 1, two-task closed form, scale, clipping, state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradbalance as gb
+from gradbalance.methods import NashMTL
+from tests.weighted_sum_check import (
+    check_end_to_end,
+    check_resume,
+    inputs_for,
+    random_gradients,
+    run_doc_snippets,
+)
+
+
+def well_conditioned(k, seed):
+    grads = random_gradients(k, p=40, seed=seed)
+    assert torch.linalg.cond(grads @ grads.T) < 1e3
+    return grads
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_two_tasks_follow_the_sum_of_unit_gradients(seed):
+    grads = random_gradients(2, seed=seed)
+    d = NashMTL().aggregate(inputs_for(grads)).weights @ grads
+    target = grads[0] / grads[0].norm() + grads[1] / grads[1].norm()
+    cos = float(d @ target / (d.norm() * target.norm()))
+    assert cos == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("k", range(2, 9))
+def test_bargaining_solution(k):
+    grads = well_conditioned(k, seed=k)
+    gram = grads @ grads.T
+    agg = NashMTL(max_norm=0.0).aggregate(inputs_for(grads))
+    a = agg.weights
+    assert (a > 0).all()
+    torch.testing.assert_close(a * (gram @ a), torch.ones(k, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert agg.extras["residual"] < 1e-5 and agg.extras["solver_failures"] == 0
+
+
+def test_scaling_the_gradients_by_s_scales_a_by_one_over_s():
+    grads = well_conditioned(4, seed=3)
+    a = NashMTL(max_norm=0.0).aggregate(inputs_for(grads)).weights
+    for s in (1e-3, 7.0, 1e4):
+        torch.testing.assert_close(NashMTL(max_norm=0.0).aggregate(inputs_for(s * grads)).weights, a / s,
+                                   rtol=1e-6, atol=0)
+
+
+def test_agrees_across_solvers_and_permutations():
+    grads = well_conditioned(4, seed=5)
+    a = NashMTL(max_norm=0.0).aggregate(inputs_for(grads)).weights
+    a_scs = NashMTL(max_norm=0.0, solver="SCS").aggregate(inputs_for(grads)).weights
+    torch.testing.assert_close(a_scs, a, rtol=1e-3, atol=0)
+    perm = torch.tensor([2, 0, 3, 1])
+    torch.testing.assert_close(NashMTL(max_norm=0.0).aggregate(inputs_for(grads[perm])).weights, a[perm],
+                               rtol=1e-6, atol=0)
+
+
+def test_max_norm_clips_the_shared_update_only():
+    grads = 10 * well_conditioned(3, seed=6)
+    gram = grads @ grads.T
+    raw = NashMTL(max_norm=0.0).aggregate(inputs_for(grads)).weights
+    assert float(raw @ gram @ raw) ** 0.5 > 1.0
+    agg = NashMTL(max_norm=1.0).aggregate(inputs_for(grads))
+    assert float(agg.weights @ gram @ agg.weights) ** 0.5 == pytest.approx(1.0, rel=1e-5)
+    torch.testing.assert_close(agg.weights / agg.weights.sum(), raw / raw.sum())
+    torch.testing.assert_close(agg.head_weights, raw)  # heads: unclipped a_i
+    big = NashMTL(max_norm=1e6).aggregate(inputs_for(grads))
+    torch.testing.assert_close(big.weights, raw)
+
+
+def test_update_every_reuses_the_last_weights_and_warm_starts():
+    method = NashMTL(update_every=3, max_norm=0.0)
+    grads = well_conditioned(3, seed=7)
+    first = method.aggregate(inputs_for(grads, step=0))
+    method.commit(first.pending)
+    other = well_conditioned(3, seed=8)
+    for step in (1, 2):
+        agg = method.aggregate(inputs_for(other, step=step))
+        assert agg.extras["reused"] == 1
+        torch.testing.assert_close(agg.weights, first.weights, rtol=0, atol=0)
+        method.commit(agg.pending)
+    fresh = method.aggregate(inputs_for(other, step=3))
+    assert fresh.extras["reused"] == 0
+    torch.testing.assert_close(fresh.weights, NashMTL(max_norm=0.0).aggregate(inputs_for(other)).weights,
+                               rtol=1e-6, atol=0)
+    # warm start: the same problem again is solved at the first iteration
+    method.commit(fresh.pending)
+    assert method.aggregate(inputs_for(other, step=3)).extras["solver_iterations"] == 1
+
+
+@pytest.mark.parametrize("grads", [
+    torch.tensor([[1.0, 2.0], [-1.0, -2.0]], dtype=torch.float64),  # exactly opposed
+    torch.tensor([[1.0, 2.0], [0.0, 0.0]], dtype=torch.float64),  # a zero gradient
+])
+def test_solver_failure_raises_and_changes_nothing(grads):
+    method = NashMTL()
+    before = method.state_dict()
+    with pytest.raises(RuntimeError, match="Nash-MTL"):
+        method.aggregate(inputs_for(grads))
+    assert method.state_dict()["num_tasks"] == before["num_tasks"] == 0
+
+
+def test_task_count_is_checked():
+    method = NashMTL()
+    method.commit(method.aggregate(inputs_for(random_gradients(3))).pending)
+    with pytest.raises(ValueError, match="3 tasks but got 2"):
+        method.aggregate(inputs_for(random_gradients(2)))
+
+
+@pytest.mark.parametrize("kwargs", [{"update_every": 0}, {"optim_niter": 1.5}, {"max_norm": float("nan")},
+                                    {"solver": "NOT_A_SOLVER"}, {"update_every": True}])
+def test_bad_hyperparameters(kwargs):
+    with pytest.raises(ValueError):
+        NashMTL(**kwargs)
+
+
+def test_registry_defaults():
+    method = gb.methods.base.make_method("nash_mtl")
+    assert repr(method) == "NashMTL(update_every=1, optim_niter=20, max_norm=1.0, solver='CLARABEL')"
+
+
+def test_end_to_end():
+    check_end_to_end(NashMTL(max_norm=0.0), k=3)
+    check_end_to_end(NashMTL(), k=3)
+
+
+def test_save_load_continue_is_bit_identical():
+    method = check_resume(lambda: NashMTL(update_every=2), k=3, before=3, after=3)
+    assert method.num_tasks == 3 and method.alpha.shape == (3,)
+
+
+def test_doc_snippets_run():
+    assert run_doc_snippets("nash_mtl") >= 1
