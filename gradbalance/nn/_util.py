@@ -13,6 +13,8 @@ def task_dict(modules: Any, what: str) -> nn.ModuleDict:
     default names ``GradBalance.backward`` gives a list of losses), as an ``nn.ModuleDict``."""
     if isinstance(modules, nn.Module) and not isinstance(modules, (nn.ModuleList, nn.ModuleDict)):
         raise TypeError(f"{what} must be a dict or a list of modules, not one {type(modules).__name__}")
+    if isinstance(modules, nn.ModuleDict) and modules and all("." not in k for k in modules):
+        return modules
     if isinstance(modules, (Mapping, nn.ModuleDict)):
         items = [(str(k), v) for k, v in modules.items()]
     elif isinstance(modules, Iterable):
