@@ -226,3 +226,14 @@ def test_gradient_methods_refuse_a_model_with_nothing_shared(method):
     m = FixedWeights([0.5, 0.5]) if method == "fixed-gram" else method
     with pytest.raises(ValueError, match="shared_params is empty.*loss-weighting method"):
         gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.1), m, shared_params=model)
+
+
+def test_gradient_method_with_inferred_shared_params_says_why():
+    x, y = _batch()
+    model = SoftSharing(_towers(2))
+    opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.1), FixedWeights([0.5, 0.5]))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="no parameter is reached by more than one loss.*loss-weighting"):
+        opt.backward({t: (o - y).pow(2).mean() for t, o in model(x).items()})
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
