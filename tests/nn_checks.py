@@ -10,10 +10,22 @@ from tests.helpers import FixedWeights
 # Registered methods named by the issue (whichever exist on this branch) + an engine-only
 # Gram method so that the exact (gradient-combining) path is always exercised.
 METHODS = [m for m in ("mean", "mgda", "uw") if m in gb.available_methods()] + ["fixed-gram"]
+# Methods that take their task gradients w.r.t. the shared representation (features=...).
+REPRESENTATION_METHODS = [m for m in ("mgda_ub",) if m in gb.available_methods()] + ["fixed-repr"]
+
+
+class FixedRepresentation(FixedWeights):
+    """FixedWeights in representation mode: the engine's features path (MGDA-UB style)."""
+
+    mode = "representation"
 
 
 def make(method: str):
-    return FixedWeights([0.3, 0.7]) if method == "fixed-gram" else method
+    if method == "fixed-gram":
+        return FixedWeights([0.3, 0.7])
+    if method == "fixed-repr":
+        return FixedRepresentation([0.6, 0.4])
+    return method
 
 
 def _grads(loss, params):
@@ -28,7 +40,8 @@ def _flat(ts):
 
 
 def check_balanced_steps(model, method, losses_fn, steps=3, lr=0.05, shared_params="model"):
-    """Run ``steps`` GradBalance steps; at each, check against autograd by hand that
+    """Run ``steps`` GradBalance steps (``losses_fn`` returns the losses dict, or
+    ``(losses, features)``); at each, check against autograd by hand that
 
     - the shared parameters get ``sum_i w_i g_i`` (w = ``info.weights``);
     - each task's parameters that only its own loss reaches get ``c_t g_t`` with ``c_t >= 0``
@@ -42,6 +55,9 @@ def check_balanced_steps(model, method, losses_fn, steps=3, lr=0.05, shared_para
     for _ in range(steps):
         before = [p.detach().clone() for p in model.parameters()]
         losses = losses_fn()
+        features = None
+        if isinstance(losses, tuple):  # (losses, features)
+            losses, features = losses
         names = list(losses)
         g_shared = [_flat(_grads(losses[t], shared)) for t in names]
         own = {t: model.task_parameters(t) for t in names}
@@ -51,7 +67,7 @@ def check_balanced_steps(model, method, losses_fn, steps=3, lr=0.05, shared_para
             for t in names
         }
         opt.zero_grad()
-        info = opt.backward(losses)
+        info = opt.backward(losses, features=features)
         infos.append(info)
         w = info.weights
         assert w is not None and torch.isfinite(w).all()

@@ -10,7 +10,7 @@ from torch import nn
 
 import gradbalance as gb
 from gradbalance.nn import HardSharing
-from tests.nn_checks import METHODS, check_balanced_steps
+from tests.nn_checks import METHODS, REPRESENTATION_METHODS, check_balanced_steps
 
 
 def _parts(seed=0):
@@ -95,6 +95,18 @@ def test_end_to_end(method):
     x, y, c = _batch()
     model = HardSharing(*_parts())
     check_balanced_steps(model, method, lambda: _losses(model, x, y, c))
+
+
+@pytest.mark.parametrize("method", REPRESENTATION_METHODS)
+def test_end_to_end_representation_mode(method):
+    x, y, c = _batch()
+    model = HardSharing(*_parts())
+
+    def losses():
+        out, z = model(x, return_features=True)
+        return _losses(model, x, y, c, out), z
+
+    check_balanced_steps(model, method, losses)
 
 
 def test_bad_arguments():

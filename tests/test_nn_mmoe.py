@@ -10,7 +10,7 @@ from torch import nn
 
 import gradbalance as gb
 from gradbalance.nn import HardSharing, MMoE
-from tests.nn_checks import METHODS, check_balanced_steps
+from tests.nn_checks import METHODS, REPRESENTATION_METHODS, check_balanced_steps
 
 
 def _model(n_experts=3, seed=0):
@@ -79,6 +79,18 @@ def test_end_to_end(method):
         lambda: {"a": (model(x)["a"].squeeze(-1) - y[:, 0]).pow(2).mean(),
                  "b": nn.functional.cross_entropy(model(x)["b"], (y[:, 1] > 0).long())},
     )
+
+
+@pytest.mark.parametrize("method", REPRESENTATION_METHODS)
+def test_end_to_end_representation_mode(method):
+    model = _model(3)
+    x, y = torch.randn(10, 5), torch.randn(10, 3)
+
+    def losses():
+        out, z = model(x, return_features=True)
+        return {t: (o - y[:, : o.shape[1]]).pow(2).mean() for t, o in out.items()}, z
+
+    check_balanced_steps(model, method, losses)
 
 
 def test_features_reach_every_task():
