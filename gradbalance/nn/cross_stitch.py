@@ -96,9 +96,10 @@ class CrossStitch(nn.Module):
     see and resolve the conflicts inside the towers as well, at the cost of a larger Jacobian.
 
     Learning rate: the paper scales the learning rate of the cross-stitch units up relative to
-    the base network (its ablation scales it by factors up to 10^3, with SGD; 10^3 is the default here), because
-    ``alpha`` lives on a different scale from the layer weights. :meth:`param_groups` builds the
-    two parameter groups; the factor is a property of SGD on the paper's networks: with Adam-like
+    the base network (by factors up to 10^3 in its ablation, with SGD; 10^3 is the default
+    here), because ``alpha`` lives on a different scale from the layer weights.
+    :meth:`param_groups` builds the two parameter groups; the factor is a property of SGD on
+    the paper's networks: with Adam-like
     optimizers (steps of size ~lr whatever the gradient's scale) use a far smaller factor
     (e.g. 10), and no weight decay on ``alpha``.
 
