@@ -128,8 +128,17 @@ class Balancer:
         self._shared: list[Tensor] | None = (
             None if shared_params is None else as_parameter_list(shared_params)
         )
-        if self._shared is not None and not self._shared:
-            raise ValueError("shared_params is empty (or none of them requires grad)")
+        if self._shared is not None and not self._shared and self.method.requires != "losses":
+            # An empty shared set is meaningful only for loss-weighting methods (e.g. a
+            # gradbalance.nn.SoftSharing model, whose tasks share no parameter at all).
+            raise ValueError(
+                f"shared_params is empty (or none of them requires grad), but "
+                f"{type(self.method).__name__} (requires={self.method.requires!r}) combines the "
+                "tasks' gradients on shared parameters, and there are none. Pass the parameters "
+                "the tasks share; a model whose tasks share none (gradbalance.nn.SoftSharing, "
+                "tied only by a penalty) can be balanced only by a loss-weighting method "
+                "(requires='losses', e.g. 'mean' or 'uw')"
+            )
         self.inferred_shared = shared_params is None
         self.step_count = 0
         self._window: _Window | None = None
@@ -326,7 +335,7 @@ class Balancer:
         )
 
     def _loss_step(self, names, values, params, losses, scale, reused: Aggregation | None = None):
-        if self._shared is not None:
+        if self._shared:  # an explicitly empty shared set (no sharing) has nothing to reach
             self._check_reach(names, values, self._shared)
         agg = reused or self._aggregate(
             TaskInputs(losses=losses, task_names=names, step=self.step_count)

@@ -107,6 +107,7 @@ def _documented(name: str, obj: object, found) -> bool:
 def _public():
     names = [("gradbalance", n, getattr(gb, n)) for n in gb.__all__]
     names += [("gradbalance.methods", n, getattr(gb.methods, n)) for n in gb.methods.__all__]
+    names += [("gradbalance.nn", n, getattr(gb.nn, n)) for n in gb.nn.__all__]
     return names
 
 
