@@ -50,6 +50,15 @@ class GradBalance(torch.optim.Optimizer):
         accumulation: ``"exact"`` (default: several ``backward`` calls before one ``step`` give
             the update of the concatenated batch; keeps the ``k x P`` task gradients until the
             step) or ``"combine"`` (each call combined on its own, results summed).
+        distributed: multi-process training (see the distributed guide): ``"auto"`` (default:
+            on when ``torch.distributed`` is initialised with more than one rank; exact, with
+            ``"reduce_scatter"`` for Gram-based methods and ``"allreduce"`` otherwise),
+            ``"allreduce"`` (exact; all-reduce the ``k x P`` task gradients in one flat buffer),
+            ``"reduce_scatter"`` (exact for Gram-based methods, about half the traffic),
+            ``"local_gram"`` (approximate: the method sees the average of the ranks' local Gram
+            matrices; traffic like plain DDP) or ``"off"`` (each rank balances its own batch).
+            Per-task gradients never fire DDP's hooks, so no ``no_sync()`` is needed.
+        process_group: the ``torch.distributed`` process group to average over (default group).
 
     Raises:
         TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``, or bad argument types.
@@ -78,6 +87,8 @@ class GradBalance(torch.optim.Optimizer):
         chunk_size: int | None = None,
         task_weights: Sequence[float] | Mapping[str, float] | None = None,
         accumulation: str = "exact",
+        distributed: str = "auto",
+        process_group: Any = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -103,6 +114,8 @@ class GradBalance(torch.optim.Optimizer):
             chunk_size=chunk_size,
             task_weights=task_weights,
             accumulation=accumulation,
+            distributed=distributed,
+            process_group=process_group,
         )
         self._balancer.validate_shared(self._optimizer_params())
         self.last_info: StepInfo | None = None
