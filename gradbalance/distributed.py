@@ -45,6 +45,12 @@ __all__ = ["STRATEGIES", "Sync", "resolve"]
 STRATEGIES = ("auto", "off", "allreduce", "reduce_scatter", "local_gram")
 
 
+
+def _collective(new: str, old: str):
+    """torch 2.13 renamed some collectives (the old names warn); older torch has only the old."""
+    return getattr(dist, new, None) or getattr(dist, old)
+
+
 def _dtensor_type() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
@@ -174,14 +180,14 @@ class Sync:
         send = padded.view(k, self.world, chunk).transpose(0, 1).contiguous().view(-1)
         out = send.new_empty(k * chunk)
         self._count(send, 1.0)
-        dist.reduce_scatter_tensor(out, send, op=dist.ReduceOp.SUM, group=self.group)
+        _collective("reduce_scatter_single", "reduce_scatter_tensor")(out, send, op=dist.ReduceOp.SUM, group=self.group)
         return out.view(k, chunk).div_(self.world)
 
     def all_gather_columns(self, shard: Tensor, p: int) -> Tensor:
         """Inverse layout of :meth:`reduce_scatter_rows` for one row: ``(chunk,)`` -> ``(P,)``."""
         out = shard.new_empty(shard.numel() * self.world)
         self._count(out, 1.0)
-        dist.all_gather_into_tensor(out, shard.contiguous(), group=self.group)
+        _collective("all_gather_single", "all_gather_into_tensor")(out, shard.contiguous(), group=self.group)
         return out[:p]
 
     def mean_present(self, grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> list[Tensor | None]:

@@ -17,7 +17,13 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import gradbalance as gb
-from gradbalance.methods.base import Aggregation, Method, TaskInputs, generator_from_state, make_method
+from gradbalance.methods.base import (
+    Aggregation,
+    Method,
+    TaskInputs,
+    generator_from_state,
+    make_method,
+)
 from tests.helpers import FixedWeights, MultiTaskNet, make_batch, task_losses
 
 K, N, STEPS, WORLD = 3, 16, 20, 2
