@@ -311,8 +311,9 @@ class Balancer:
         losses = self._total(names, call if sync is None else sync.mean(call), prev)
         agg = self._aggregate(TaskInputs(losses=losses, task_names=names, step=self.step_count))
         weights = agg.weights
-        grads = jacobian.weighted_gradients(values, weights, params)
-        if agg.head_weights is not None and self._shared is not None:
+        reweight = agg.head_weights is not None and self._shared is not None
+        grads = jacobian.weighted_gradients(values, weights, params, retain_graph=reweight)
+        if reweight:
             grads = self._reweight_heads(values, params, grads, agg.head_weights)
         if sync is not None:  # autograd.grad fired no DDP hook: average the result once, here
             grads = sync.mean_present(grads, params)
@@ -366,7 +367,8 @@ class Balancer:
         )
         if agg.weights is None:
             raise ValueError(f"{type(self.method).__name__} returns a direction, which needs mode='exact'")
-        out = jacobian.weighted_gradients(values, agg.weights, params)
+        out = jacobian.weighted_gradients(values, agg.weights, params,
+                                          retain_graph=agg.head_weights is not None)
         if agg.head_weights is not None:
             out = self._reweight_heads(values, params, out, agg.head_weights)
         if sync is not None:
