@@ -333,3 +333,31 @@ def test_bad_distributed_arguments():
     with pytest.raises(ValueError, match="init_process_group"):
         opt.backward([w.sum(), w.pow(2).sum()])
     assert w.grad is None
+
+
+class LossHeadWeights(Method):
+    """A losses-only method with separate head weights (exercises the second weighted pass)."""
+
+    requires = "losses"
+
+    def aggregate(self, inputs: TaskInputs) -> Aggregation:
+        return Aggregation(weights=torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64),
+                           head_weights=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+
+
+def test_losses_method_with_head_weights_in_one_process():
+    """Found by the sweep above: the first weighted pass freed the graph the head pass needs."""
+    model = MultiTaskNet(K, seed=0)
+    x, y = make_batch(K)
+    _, losses = task_losses(model, x, y)
+    expected = {}
+    for name, w in (("trunk", [0.2, 0.3, 0.5]), ("heads", [1.0, 2.0, 3.0])):
+        total = sum(wi * li for wi, li in zip(w, losses))
+        module = getattr(model, name)
+        expected.update({f"{name}.{n}": g for (n, _), g in zip(module.named_parameters(), torch.autograd.grad(
+            total, list(module.parameters()), retain_graph=True))})
+    opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.1), LossHeadWeights(),
+                         shared_params=model.trunk)
+    opt.backward(losses)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], atol=1e-6, rtol=0)
