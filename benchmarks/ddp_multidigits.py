@@ -81,14 +81,14 @@ def digits_data(n_train: int, n_test: int, size: int = 32):
 class Net(nn.Module):
     """LeNet trunk (Sener & Koltun 2018) and two heads; ``forward -> (z, [logits_left, logits_right])``."""
 
-    def __init__(self, size: int = 32) -> None:
+    def __init__(self, size: int = 32, features: int = 50) -> None:
         super().__init__()
         flat = 20 * (((size - 4) // 2 - 4) // 2) ** 2
         self.trunk = nn.Sequential(
             nn.Conv2d(1, 10, 5), nn.MaxPool2d(2), nn.ReLU(), nn.Conv2d(10, 20, 5), nn.MaxPool2d(2),
-            nn.ReLU(), nn.Flatten(), nn.Linear(flat, 50), nn.ReLU(),
+            nn.ReLU(), nn.Flatten(), nn.Linear(flat, features), nn.ReLU(),
         )
-        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(50, 50), nn.ReLU(), nn.Linear(50, 10))
+        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(features, 50), nn.ReLU(), nn.Linear(50, 10))
                                    for _ in range(2))
 
     def forward(self, x):
@@ -108,7 +108,7 @@ def local_batches(data, batch: int, epoch: int, rank: int, world: int):
 
 def build(args, device, distributed: str = "auto"):
     torch.manual_seed(0)
-    model = Net().to(device)
+    model = Net(features=args.features).to(device)
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = gb.GradBalance(torch.optim.Adam(model.parameters(), lr=args.lr), method_for(args.method),
                          shared_params=model.trunk, distributed=distributed)
@@ -143,19 +143,23 @@ def train(args, rank: int, world: int, device) -> None:
 
 
 def bench(args, rank: int, world: int, device) -> None:
-    """Median step time of plain DDP (summed loss) vs GradBalance per strategy; bytes per step."""
+    """Median step time of plain DDP (summed loss) vs GradBalance per strategy; bytes per step.
+
+    The paths run interleaved (one step of each in turn), so that a change in the machine's load
+    affects them all alike."""
     (train_set, _) = digits_data(args.batch_size * (args.steps + 5), 16)
     batches = list(local_batches(train_set, args.batch_size, 0, rank, world))
-    rows = []
-    strategies = ["allreduce"] + (["reduce_scatter", "local_gram"]
-                                  if gb.methods.make_method(method_for(args.method)).requires == "gram" else [])
+    requires = gb.methods.make_method(method_for(args.method)).requires
     # "off": the same k backward passes with no collective at all (not a valid training: the
     # ranks drift apart); it separates the cost of the per-task passes from that of communication
-    for label in ["plain DDP", "off"] + strategies:
-        model, ddp, opt = build(args, device, distributed=label if label != "plain DDP" else "off")
-        times, sent = [], 0
-        for i, (x, yl, yr) in enumerate(batches):
-            x, yl, yr = x.to(device), yl.to(device), yr.to(device)
+    labels = ["plain DDP", "off", "allreduce"] + (["reduce_scatter", "local_gram"] if requires == "gram" else [])
+    runs = {label: build(args, device, distributed="off" if label == "plain DDP" else label) for label in labels}
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    sent: dict[str, int] = {}
+    for i, (x, yl, yr) in enumerate(batches):
+        x, yl, yr = x.to(device), yl.to(device), yr.to(device)
+        for label in labels:
+            _, ddp, opt = runs[label]
             dist.barrier()
             t0 = time.perf_counter()
             z, (ol, orr) = ddp(x)
@@ -163,25 +167,25 @@ def bench(args, rank: int, world: int, device) -> None:
             if label == "plain DDP":
                 sum(losses).backward()  # DDP's reducer all-reduces every gradient once
             else:
-                sent = opt.backward(losses, features=z).extras.get("comm_bytes", 0)
+                sent[label] = opt.backward(losses, features=z).extras.get("comm_bytes", 0)
             opt.step()
             opt.zero_grad()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= 5:
-                times.append(time.perf_counter() - t0)
-        if label == "plain DDP":  # ring all-reduce of every parameter's gradient (float32)
-            sent = int(2 * (world - 1) / world * 4 * sum(p.numel() for p in model.parameters()))
-        rows.append((label, sent, statistics.median(times)))
+                times[label].append(time.perf_counter() - t0)
+    # plain DDP: a ring all-reduce of every parameter's gradient (float32)
+    sent["plain DDP"] = int(2 * (world - 1) / world * 4 * sum(p.numel() for p in runs["plain DDP"][0].parameters()))
     if rank == 0:
-        base = rows[0][2]
-        shared = sum(p.numel() for p in Net().trunk.parameters())
+        base = statistics.median(times["plain DDP"])
+        shared = sum(p.numel() for p in Net(features=args.features).trunk.parameters())
         print(f"MultiDigits LeNet, P_shared={shared}, k=2, global batch {args.batch_size}, {world} ranks, "
-              f"{dist.get_backend()}, method {args.method}, median of {len(batches) - 5} steps")
+              f"{dist.get_backend()}, method {args.method}, median of {len(batches) - 5} interleaved steps")
         print("| path | bytes sent per rank per step | step time (ms) | x plain DDP |")
         print("|---|---|---|---|")
-        for label, sent, t in rows:
-            print(f"| {label} | {sent:,} | {1000 * t:.1f} | {t / base:.2f} |")
+        for label in labels:
+            t = statistics.median(times[label])
+            print(f"| {label} | {sent[label]:,} | {1000 * t:.1f} | {t / base:.2f} |")
 
 
 def main() -> None:
@@ -192,6 +196,7 @@ def main() -> None:
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=128, help="global batch (split across ranks)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--features", type=int, default=50, help="width of the trunk's last layer (50: LeNet)")
     p.add_argument("--bench", action="store_true", help="time plain DDP vs gradbalance's strategies")
     p.add_argument("--steps", type=int, default=30, help="timed steps per path (--bench)")
     args = p.parse_args()

@@ -8,7 +8,7 @@ needs across ranks *before* the method sees it, with the collectives below, in f
 ``"allreduce"`` (exact, every method)
     one all-reduce of ``[G (k x P) | losses (k)]``, then one of the combined task-specific
     gradients. Per-rank traffic ``~ 2kP`` (ring).
-``"reduce_scatter"`` (exact, methods with ``requires="gram"``)
+``"reduce_scatter"`` (exact, methods with ``requires="gram"``; the default for them on NCCL)
     reduce-scatter ``G`` (each rank keeps ``P/R`` columns of the averaged gradients), all-reduce the
     ``k x k`` Grams of the shards (their sum is the Gram of the global gradients) with the losses,
     combine the shard with the weights and all-gather the direction. Traffic ``~ (k + 1) P``.
@@ -95,7 +95,9 @@ def resolve(strategy: str, group: Any, requires: str, params: Sequence[Tensor]) 
     """The :class:`Sync` of a balancer, or ``None`` for single-process training.
 
     ``"auto"``: on when ``torch.distributed`` is initialised with more than one rank in ``group``;
-    then ``"reduce_scatter"`` for Gram-based methods and ``"allreduce"`` for the others.
+    then ``"reduce_scatter"`` for Gram-based methods on NCCL, ``"allreduce"`` otherwise (gloo's
+    reduce-scatter measured slower than its all-reduce of the whole ``k x P`` buffer, at 30k and
+    at 2M parameters: benchmarks/ddp_multidigits.py).
     """
     validate(strategy, requires)
     if strategy == "off":
@@ -109,7 +111,8 @@ def resolve(strategy: str, group: Any, requires: str, params: Sequence[Tensor]) 
     if strategy == "auto":
         if world == 1:
             return None
-        strategy = "reduce_scatter" if requires == "gram" else "allreduce"
+        nccl = str(dist.get_backend(group)).lower() == "nccl"
+        strategy = "reduce_scatter" if requires == "gram" and nccl else "allreduce"
     fsdp = any(is_sharded(p) for p in params)
     return Sync(strategy, group, world, fsdp)
 

@@ -52,7 +52,7 @@ class GradBalance(torch.optim.Optimizer):
             step) or ``"combine"`` (each call combined on its own, results summed).
         distributed: multi-process training (see the distributed guide): ``"auto"`` (default:
             on when ``torch.distributed`` is initialised with more than one rank; exact, with
-            ``"reduce_scatter"`` for Gram-based methods and ``"allreduce"`` otherwise),
+            ``"reduce_scatter"`` for Gram-based methods on NCCL and ``"allreduce"`` otherwise),
             ``"allreduce"`` (exact; all-reduce the ``k x P`` task gradients in one flat buffer),
             ``"reduce_scatter"`` (exact for Gram-based methods, about half the traffic),
             ``"local_gram"`` (approximate: the method sees the average of the ranks' local Gram

@@ -114,11 +114,13 @@ def train(name, rank=None, wrap=None, distributed="auto", steps=STEPS, micro=1):
     net = model
     if wrap == "ddp":
         net = nn.parallel.DistributedDataParallel(model)
-    elif wrap == "fsdp":
+    elif wrap in ("fsdp", "fsdp-keep"):
         from torch.distributed.fsdp import fully_shard
 
         fully_shard(model.trunk)
         fully_shard(model)
+        if wrap == "fsdp-keep":  # no re-gather per task pass
+            model.set_reshard_after_backward(False)
     opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5), make(name),
                          shared_params=shared, distributed=distributed)
     out = {}
@@ -132,6 +134,10 @@ def train(name, rank=None, wrap=None, distributed="auto", steps=STEPS, micro=1):
                 out["info"] = (info.weights, info.grad_norms, info.cosine, dict(info.extras))
         opt.step()
         opt.zero_grad()
+        if wrap == "fsdp-keep":  # the unsharded copies are stale after the step: drop them
+            for m in model.modules():
+                if hasattr(m, "reshard"):
+                    m.reshard()
         if step + 1 in (COMPARE_AT, steps):
             out[step + 1] = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
                              for n, p in model.named_parameters()}
@@ -175,6 +181,7 @@ def _worker(rank: int, port: int, path: str) -> None:
     for name in ALL:
         if supported(make(name), fsdp=True) or name in ("sign", "mean"):
             res[("fsdp", name)] = attempt(name, rank, "fsdp", steps=COMPARE_AT)
+    res[("fsdp-keep", "gram")] = attempt("gram", rank, "fsdp-keep", steps=COMPARE_AT)
     torch.save(res, f"{path}.{rank}")
     dist.destroy_process_group()
 
@@ -321,6 +328,14 @@ def test_fsdp_equals_one_process(runs, name):
     assert "error" not in r0 and "error" not in r1, (r0.get("error"), r1.get("error"))
     assert_identical(r0[COMPARE_AT], r1[COMPARE_AT])
     assert_params_close(r0[COMPARE_AT], reference(name)[COMPARE_AT])
+
+
+def test_fsdp_without_resharding_after_backward(runs):
+    r0, r1 = runs[0][("fsdp-keep", "gram")], runs[1][("fsdp-keep", "gram")]
+    assert "error" not in r0, r0.get("error")
+    assert r0["info"][3]["distributed"] == "allreduce (fsdp)"
+    assert_identical(r0[COMPARE_AT], r1[COMPARE_AT])
+    assert_params_close(r0[COMPARE_AT], reference("gram")[COMPARE_AT])
 
 
 def test_bad_distributed_arguments():
