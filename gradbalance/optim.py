@@ -244,6 +244,8 @@ def backward(
     features: Tensor | None = None,
     engine: str = "auto",
     chunk_size: int | None = None,
+    distributed: str = "auto",
+    process_group: Any = None,
 ) -> StepInfo:
     """Balance ``losses`` and add the result to ``.grad``, without an optimizer wrapper.
 
@@ -256,7 +258,9 @@ def backward(
         method: a registered name or a method object.
         params: every parameter to write gradients into; default: every leaf tensor that
             requires grad and that the losses reach.
-        features, engine, chunk_size: as for :class:`GradBalance`.
+        features, engine, chunk_size, distributed, process_group: as for :class:`GradBalance`
+            (distributed: every call checks that the ranks agree, as the wrapper's first step
+            does; the wrapper is cheaper in multi-process training).
 
     Returns:
         :class:`~gradbalance.StepInfo`.
@@ -272,7 +276,8 @@ def backward(
         values = list(losses.values()) if isinstance(losses, Mapping) else list(losses)
         params = jacobian.graph_leaves([v for v in values if isinstance(v, Tensor)])
     balancer = Balancer(method, shared_params, as_parameter_list(params, "params"), engine=engine,
-                        chunk_size=chunk_size, accumulation="combine")
+                        chunk_size=chunk_size, accumulation="combine", distributed=distributed,
+                        process_group=process_group)
     info = balancer.backward(losses, features=features)
     balancer.commit()
     return info

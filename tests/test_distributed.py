@@ -144,6 +144,22 @@ def train(name, rank=None, wrap=None, distributed="auto", steps=STEPS, micro=1):
     return out
 
 
+def train_functional(name, rank, steps=COMPARE_AT):
+    """The same training with ``gb.backward`` and a plain optimizer (DDP-wrapped model)."""
+    model = MultiTaskNet(K, seed=0)
+    net = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
+    method = make(name)
+    for step in range(steps):
+        x, y = batch(step, rank)
+        _, outs = net(x)
+        losses = [((o - y[:, i]) ** 2).mean() * (i + 1) for i, o in enumerate(outs)]
+        gb.backward(losses, model.trunk, method, params=list(model.parameters()))
+        opt.step()
+        opt.zero_grad()
+    return {steps: {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
 def attempt(*args, **kwargs):
     try:
         return train(*args, **kwargs)
@@ -169,6 +185,7 @@ def _worker(rank: int, port: int, path: str) -> None:
     res[("accumulate", "sign")] = attempt("sign", rank, "ddp", steps=COMPARE_AT, micro=2)
     for name in ("mean", "gram"):  # without a DDP wrapper: gradbalance alone keeps ranks in sync
         res[("plain", name)] = attempt(name, rank, None, steps=COMPARE_AT)
+    res[("functional", "fixed")] = train_functional("fixed", rank)
     res[("off", "mean")] = attempt("mean", rank, "ddp", "off", steps=1)
     # every rank must start from the same method state: a different seed is caught at once
     try:
@@ -302,6 +319,12 @@ def test_without_ddp_wrapper(runs, name):
     r0, r1 = runs[0][("plain", name)], runs[1][("plain", name)]
     assert_identical(r0[COMPARE_AT], r1[COMPARE_AT])
     assert_params_close(r0[COMPARE_AT], reference(name)[COMPARE_AT])
+
+
+def test_functional_backward_under_ddp(runs):
+    r0, r1 = runs[0][("functional", "fixed")], runs[1][("functional", "fixed")]
+    assert_identical(r0[COMPARE_AT], r1[COMPARE_AT])
+    assert_params_close(r0[COMPARE_AT], reference("fixed")[COMPARE_AT])
 
 
 def test_off_balances_each_rank_alone(runs):
