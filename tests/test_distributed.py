@@ -65,13 +65,27 @@ class SignAgreement(Method):
 
 
 class GramRecorder(Method):
-    """Weights from the Gram matrix (normalised inverse norms), and the Gram it saw as an extra."""
+    """Weights ``1 / (1 + |g_i|)`` from the Gram matrix (not scale-invariant, so a wrongly scaled
+    Gram changes the update), and the Gram it saw as an extra."""
 
     requires = "gram"
 
     def aggregate(self, inputs: TaskInputs) -> Aggregation:
-        w = inputs.gram.diagonal().rsqrt()
-        return Aggregation(weights=w / w.sum(), extras={"gram": inputs.gram.clone()})
+        w = 1.0 / (1.0 + inputs.gram.diagonal().sqrt())
+        return Aggregation(weights=w, extras={"gram": inputs.gram.clone()})
+
+
+class GramRecorderUB(GramRecorder):
+    """The same weights from the Gram matrix of the feature gradients (representation mode)."""
+
+    mode = "representation"
+
+
+class GramRecorderLast(GramRecorder):
+    """The same weights from the Gram matrix on the last shared layer only (like GradNorm)."""
+
+    def shared_subset(self, shared):
+        return shared[-2:]
 
 
 def make(name: str) -> Method:
@@ -83,10 +97,14 @@ def make(name: str) -> Method:
         return SignAgreement()
     if name == "gram":
         return GramRecorder()
+    if name == "gram_ub":
+        return GramRecorderUB()
+    if name == "gram_last":
+        return GramRecorderLast()
     return make_method(name)
 
 
-EXTRA = ["fixed", "random", "sign", "gram"]
+EXTRA = ["fixed", "random", "sign", "gram", "gram_ub", "gram_last"]
 REGISTERED = sorted(gb.available_methods())
 ALL = REGISTERED + EXTRA
 
@@ -178,8 +196,11 @@ def _worker(rank: int, port: int, path: str) -> None:
     res = {}
     for name in ALL:  # every method, 20 steps, DDP, default strategy
         res[("ddp", name)] = attempt(name, rank, "ddp")
+    for name in ALL:  # the NCCL default for Gram-based methods, with every one of them
+        if make(name).requires == "gram":
+            res[("reduce_scatter", name)] = attempt(name, rank, "ddp", "reduce_scatter", steps=COMPARE_AT)
     for name in ("fixed", "gram"):
-        for strategy in ("allreduce", "reduce_scatter", "local_gram"):
+        for strategy in ("allreduce", "local_gram"):
             res[(strategy, name)] = attempt(name, rank, "ddp", strategy, steps=COMPARE_AT)
         res[("accumulate", name)] = attempt(name, rank, "ddp", "reduce_scatter", steps=COMPARE_AT, micro=2)
     res[("accumulate", "sign")] = attempt("sign", rank, "ddp", steps=COMPARE_AT, micro=2)
@@ -198,6 +219,7 @@ def _worker(rank: int, port: int, path: str) -> None:
     for name in ALL:
         if supported(make(name), fsdp=True) or name in ("sign", "mean"):
             res[("fsdp", name)] = attempt(name, rank, "fsdp", steps=COMPARE_AT)
+    res[("fsdp-accumulate", "gram")] = attempt("gram", rank, "fsdp", steps=COMPARE_AT, micro=2)
     res[("fsdp-keep", "gram")] = attempt("gram", rank, "fsdp-keep", steps=COMPARE_AT)
     torch.save(res, f"{path}.{rank}")
     dist.destroy_process_group()
@@ -250,6 +272,13 @@ def assert_params_close(a, b, atol=1e-5):
         torch.testing.assert_close(a[n], b[n], atol=atol, rtol=0, msg=lambda m, n=n: f"{n}: {m}")
 
 
+def assert_same_first_gram(r0, name):
+    """The Gram matrix a recording method saw at the first step equals the one-process one."""
+    seen = r0["info"][3].get("gram")
+    if seen is not None:
+        torch.testing.assert_close(seen, reference(name)["info"][3]["gram"], rtol=1e-5, atol=1e-9)
+
+
 def assert_identical(a, b):
     for n in b:
         assert torch.equal(a[n], b[n]), n
@@ -265,6 +294,7 @@ def test_ddp_equals_one_process_and_ranks_stay_bit_identical(runs, name):
     assert "error" not in r0 and "error" not in r1, (r0.get("error"), r1.get("error"))
     assert_identical(r0[STEPS], r1[STEPS])
     assert_params_close(r0[COMPARE_AT], reference(name)[COMPARE_AT])
+    assert_same_first_gram(r0, name)
 
 
 @pytest.mark.parametrize("strategy", ["allreduce", "reduce_scatter", "local_gram"])
@@ -319,6 +349,7 @@ def test_without_ddp_wrapper(runs, name):
     r0, r1 = runs[0][("plain", name)], runs[1][("plain", name)]
     assert_identical(r0[COMPARE_AT], r1[COMPARE_AT])
     assert_params_close(r0[COMPARE_AT], reference(name)[COMPARE_AT])
+    assert_same_first_gram(r0, name)
 
 
 def test_functional_backward_under_ddp(runs):
@@ -351,6 +382,23 @@ def test_fsdp_equals_one_process(runs, name):
     assert "error" not in r0 and "error" not in r1, (r0.get("error"), r1.get("error"))
     assert_identical(r0[COMPARE_AT], r1[COMPARE_AT])
     assert_params_close(r0[COMPARE_AT], reference(name)[COMPARE_AT])
+    assert_same_first_gram(r0, name)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if make(n).requires == "gram"])
+def test_reduce_scatter_for_every_gram_method(runs, name):
+    r0, r1 = runs[0][("reduce_scatter", name)], runs[1][("reduce_scatter", name)]
+    assert "error" not in r0 and "error" not in r1, (r0.get("error"), r1.get("error"))
+    assert_identical(r0[COMPARE_AT], r1[COMPARE_AT])
+    assert_params_close(r0[COMPARE_AT], reference(name)[COMPARE_AT])
+    assert_same_first_gram(r0, name)
+
+
+def test_fsdp_gradient_accumulation(runs):
+    r0, r1 = runs[0][("fsdp-accumulate", "gram")], runs[1][("fsdp-accumulate", "gram")]
+    assert "error" not in r0, r0.get("error")
+    assert_identical(r0[COMPARE_AT], r1[COMPARE_AT])
+    assert_params_close(r0[COMPARE_AT], reference("gram", micro=2)[COMPARE_AT])
 
 
 def test_fsdp_without_resharding_after_backward(runs):
