@@ -292,7 +292,9 @@ class Balancer:
             target = (self._shared or params)[0]
             if target.grad is None:
                 target.grad = torch.zeros_like(target)
-            target.grad.view(-1)[0] = float("inf")
+            poisoned = distributed_mod.local(target.grad).view(-1)  # an FSDP shard may be empty
+            if poisoned.numel():
+                poisoned[0] = float("inf")
             return StepInfo(
                 weights=None,
                 losses=inputs_losses,
@@ -487,9 +489,9 @@ class Balancer:
                 totals.append(torch.stack(values).mul(agg.head_weights.to(values[0].dtype)).sum())
             passes = jacobian.backward_passes(totals, params)
             grads = passes[0]
-            if len(passes) > 1:
-                shared_ids = {id(p) for p in (self._shared or params)}
-                grads = [g if id(p) in shared_ids else h for p, g, h in zip(params, grads, passes[1])]
+            if len(passes) > 1:  # the heads' own weights: from the second pass
+                ids = {id(p) for p in (self._shared or params)}
+                grads = [g if id(p) in ids else h for p, g, h in zip(params, grads, passes[1])]
             grads = self._mean_unsharded(grads, params)
             self._check_finite(grads, names, scale, sync)
             self._add_to_grad(params, grads)
@@ -507,13 +509,16 @@ class Balancer:
         heads = [p for p in params if id(p) not in shared_ids]
         n = len(shared)
         passes = jacobian.backward_passes(values, shared + heads)
+        local = distributed_mod.local
+        shards = [local(p) for p in shared]
         rows, head_grads = [], []
         for name, task in zip(names, passes):
             if all(g is None for g in task[:n]):
-                raise ValueError(f"loss {name!r} does not reach any shared parameter; check shared_params")
-            rows.append(jacobian.flatten([None if g is None else distributed_mod.local(g) for g in task[:n]],
-                                         [distributed_mod.local(p) for p in shared]))
-            head_grads.append([None if g is None else distributed_mod.local(g) / scale for g in task[n:]])
+                raise ValueError(
+                    f"loss {name!r} does not reach any shared parameter; check shared_params"
+                )
+            rows.append(jacobian.flatten([None if g is None else local(g) for g in task[:n]], shards))
+            head_grads.append([None if g is None else local(g) / scale for g in task[n:]])
         grads = torch.stack(rows) / scale
         window = self._window
         if window is not None and self.accumulation == "exact" and window.grads is not None:
@@ -524,8 +529,8 @@ class Balancer:
             ]
         subset_ids = {id(p) for p in method.shared_subset(shared)}
         cols, offset = [], 0
-        for p in shared:
-            size = distributed_mod.local(p).numel()
+        for p, shard in zip(shared, shards):
+            size = shard.numel()
             if id(p) in subset_ids:
                 cols.append(grads[:, offset : offset + size])
             offset += size
@@ -533,17 +538,21 @@ class Balancer:
         buf = sync.sum_(torch.cat([(sub @ sub.T).double().reshape(-1), call]))
         gram = self._checked_gram(buf[: k * k].view(k, k), names)
         losses = self._total(names, buf[k * k :] / sync.world, prev)
-        agg = self._aggregate(TaskInputs(losses=losses, gram=gram, task_names=names, step=self.step_count))
+        agg = self._aggregate(
+            TaskInputs(losses=losses, gram=gram, task_names=names, step=self.step_count)
+        )
         if agg.weights is None:
             raise ValueError(f"{label} returned a direction, which FSDP cannot apply")
+        like = distributed_mod.like_param
         direction = agg.weights.to(grads.dtype) @ grads
-        new = [distributed_mod.like_param(g, p)
-               for g, p in zip(jacobian.unflatten(direction, [distributed_mod.local(p) for p in shared]), shared)]
+        new = [like(g, p) for g, p in zip(jacobian.unflatten(direction, shards), shared)]
         hw = agg.head_weights if agg.head_weights is not None else agg.weights
-        head_out = [None if g is None else distributed_mod.like_param(g, p)
-                    for g, p in zip(self._combine_heads(head_grads, hw, len(heads)), heads)]
+        combined = self._combine_heads(head_grads, hw, len(heads))
+        head_out = [None if g is None else like(g, p) for g, p in zip(combined, heads)]
         head_out = self._mean_unsharded(head_out, heads)
-        contribution = [None if g is None else (g * scale if scale != 1.0 else g) for g in new + head_out]
+        contribution = [
+            None if g is None else (g * scale if scale != 1.0 else g) for g in new + head_out
+        ]
         previous = window.written if (window is not None and self.accumulation == "exact") else None
         self._write(shared + heads, contribution, previous)
         self._close(names, losses, agg, written=contribution, grads=grads, heads=head_grads)
