@@ -231,8 +231,7 @@ class Sync:
             return
         mine = {
             "tasks": list(names),
-            "method": _digest(method.state_dict()),
-            "hyperparameters": repr(method),
+            "method": _digest(method.state_dict()),  # not repr(): it may name a rank's device
             "step": int(step),
             "strategy": self.strategy,
         }
