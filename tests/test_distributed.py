@@ -216,6 +216,19 @@ def _worker(rank: int, port: int, path: str) -> None:
         res["seed_check"] = "no error"
     except ValueError as err:
         res["seed_check"] = str(err)
+    for name in ("mean", "gram", "sign"):  # a NaN loss on rank 0 only: every rank raises
+        model = MultiTaskNet(K, seed=0)
+        opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.1), make(name),
+                             shared_params=model.trunk)
+        z, losses = task_losses(model, *batch(0, rank))
+        if rank == 0:
+            losses[1] = losses[1] * float("nan")
+        try:
+            opt.backward(losses, features=z)
+            res[("nan", name)] = "no error"
+        except ValueError as err:
+            res[("nan", name)] = str(err)
+        res[("nan-grads", name)] = [p.grad for p in model.parameters()]
     for name in ALL:
         if supported(make(name), fsdp=True) or name in ("sign", "mean"):
             res[("fsdp", name)] = attempt(name, rank, "fsdp", steps=COMPARE_AT)
@@ -362,6 +375,13 @@ def test_off_balances_each_rank_alone(runs):
     r0, r1 = runs[0][("off", "mean")], runs[1][("off", "mean")]
     assert "distributed" not in r0["info"][3]
     assert not torch.equal(r0[1]["trunk.0.weight"], r1[1]["trunk.0.weight"])
+
+
+@pytest.mark.parametrize("name", ["mean", "gram", "sign"])
+def test_nan_loss_on_one_rank_raises_on_every_rank(runs, name):
+    for r in range(WORLD):
+        assert "task1" in runs[r][("nan", name)] and "NaN or inf" in runs[r][("nan", name)]
+        assert all(g is None for g in runs[r][("nan-grads", name)])
 
 
 def test_different_method_state_is_caught_on_every_rank(runs):
