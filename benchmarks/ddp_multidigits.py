@@ -8,7 +8,7 @@ so every rank takes the step one process would take on the global batch.
 
 Train (CPU gloo; NCCL when every rank has a GPU)::
 
-    torchrun --nproc-per-node 2 benchmarks/ddp_multidigits.py --method mgda --epochs 2
+    torchrun --nproc-per-node 2 benchmarks/ddp_multidigits.py --method mgda --epochs 3
 
 Benchmark (communication per step and step time against plain DDP of the summed loss)::
 
@@ -191,7 +191,7 @@ def bench(args, rank: int, world: int, device) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--method", default="mgda" if "mgda" in gb.available_methods() else "equal-gram")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--n-train", type=int, default=4096)
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=128, help="global batch (split across ranks)")
