@@ -192,7 +192,7 @@ def _worker(rank: int, port: int, path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     # a rank that fails alone leaves the other one waiting in a collective: fail fast instead
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
     res = {}
     for name in ALL:  # every method, 20 steps, DDP, default strategy
         res[("ddp", name)] = attempt(name, rank, "ddp")
