@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradbalance import distributed as distributed_mod
 from gradbalance import jacobian
 from gradbalance.info import StepInfo, gram_diagnostics
 from gradbalance.methods.base import Aggregation, Method, TaskInputs, make_method
@@ -92,6 +93,10 @@ class Balancer:
         accumulation: ``"exact"`` or ``"combine"`` (module docstring).
         update_every: recompute the weights of a gradient-based method every this many steps
             and reuse them in between at the cost of one ordinary backward (``1``: every step).
+        distributed: ``"auto"``, ``"off"``, ``"allreduce"``, ``"reduce_scatter"`` or
+            ``"local_gram"``: how the per-task inputs are averaged across ranks
+            (:mod:`gradbalance.distributed`).
+        process_group: the ``torch.distributed`` group to average over (``None``: the default).
     """
 
     def __init__(
@@ -105,6 +110,8 @@ class Balancer:
         task_weights: Sequence[float] | Mapping[str, float] | None = None,
         accumulation: str = "exact",
         update_every: int = 1,
+        distributed: str = "auto",
+        process_group: Any = None,
     ) -> None:
         self.method = make_method(method)
         if not isinstance(update_every, int) or update_every < 1:
@@ -120,6 +127,11 @@ class Balancer:
             raise ValueError(f"accumulation must be one of {ACCUMULATIONS}, got {accumulation!r}")
         if self.method.mode not in ("exact", "representation"):
             raise ValueError(f"method mode must be 'exact' or 'representation', got {self.method.mode!r}")
+        distributed_mod.validate(distributed, self.method.requires)
+        self.distributed = distributed
+        self.process_group = process_group
+        self.sync: distributed_mod.Sync | None = None
+        self._sync_resolved = False
         self.engine = engine
         self.chunk_size = chunk_size
         self.accumulation = accumulation
@@ -167,7 +179,9 @@ class Balancer:
             )
 
     # ------------------------------------------------------------------ inputs
-    def _prepare(self, losses: Losses) -> tuple[tuple[str, ...], list[Tensor]]:
+    def _prepare(
+        self, losses: Losses, check_finite: bool = True
+    ) -> tuple[tuple[str, ...], list[Tensor]]:
         if isinstance(losses, Tensor):
             raise TypeError(
                 "losses must be a list (or dict) of per-task scalar losses, not one tensor; "
@@ -199,12 +213,16 @@ class Balancer:
         if len(set(names)) != len(names):
             raise ValueError(f"task names must be unique, got {names}")
         values = self._apply_task_weights(tuple(names), values)
-        detached = torch.stack([v.detach() for v in values])
-        finite = torch.isfinite(detached)
+        if check_finite:  # distributed: checked on the averaged losses, so every rank raises
+            self._check_losses(tuple(names), torch.stack([v.detach() for v in values]))
+        return tuple(names), values
+
+    @staticmethod
+    def _check_losses(names: tuple[str, ...], losses: Tensor) -> None:
+        finite = torch.isfinite(losses)
         if not bool(finite.all()):
             bad = [names[i] for i in range(len(names)) if not bool(finite[i])]
-            raise ValueError(f"loss of task(s) {bad} is NaN or inf: {detached.tolist()}")
-        return tuple(names), values
+            raise ValueError(f"loss of task(s) {bad} is NaN or inf: {losses.tolist()}")
 
     def _apply_task_weights(self, names: tuple[str, ...], values: list[Tensor]) -> list[Tensor]:
         tw = self.task_weights
@@ -259,7 +277,9 @@ class Balancer:
         scaler: Any = None,
     ) -> StepInfo:
         """Compute, combine and write the gradients of one (micro-)batch; see the module doc."""
-        names, values = self._prepare(losses)
+        params = self._all_params()
+        sync = self._resolve_sync(params)
+        names, values = self._prepare(losses, check_finite=sync is None)
         if not isinstance(losses, Mapping):
             previous = self._unnamed_k
             if previous is not None and previous != len(values) and self.method.state_dict():
@@ -284,27 +304,32 @@ class Balancer:
             # through every other task's graph); scale() also initialises the scaler's state.
             values = [scaler.scale(v) for v in values]
             scale = float(scaler.get_scale())
-        params = self._all_params()
         method = self.method
-        inputs_losses = torch.stack([v.detach() for v in values]).double() / scale
-        if window is not None and self.accumulation == "exact":
-            inputs_losses = inputs_losses + window.losses
+        # this call's losses; ``prev``: the window's totals so far (exact accumulation)
+        call = torch.stack([v.detach() for v in values]).double() / scale
+        prev = window.losses if (window is not None and self.accumulation == "exact") else None
+        inputs_losses = call if prev is None else call + prev
+        if sync is not None:
+            sync.bytes_sent = 0
+            sync.check(names, method, self.step_count, params)
         try:
+            if sync is not None and sync.fsdp:
+                return self._fsdp_step(names, values, params, call, prev, scale)
             if method.requires == "losses":
-                return self._loss_step(names, values, params, inputs_losses, scale)
+                return self._loss_step(names, values, params, call, prev, scale)
             if self._reuse_weights(names):
-                names_, weights, head_weights = self._cached
+                _, weights, head_weights = self._cached
                 agg = Aggregation(weights=weights, head_weights=head_weights, extras={"reused": True})
-                return self._loss_step(names, values, params, inputs_losses, scale, agg)
+                return self._loss_step(names, values, params, call, prev, scale, agg)
             if self._shared is None:
                 self._shared = self._infer_shared(values, params)
             shared = self._shared
             if method.mode == "representation":
-                return self._subset_step(names, values, params, inputs_losses, scale, features, None)
+                return self._subset_step(names, values, params, call, prev, scale, features, None)
             subset = method.shared_subset(shared)
             if [id(p) for p in subset] != [id(p) for p in shared]:
-                return self._subset_step(names, values, params, inputs_losses, scale, None, subset)
-            return self._exact_step(names, values, params, inputs_losses, scale, features)
+                return self._subset_step(names, values, params, call, prev, scale, None, subset)
+            return self._exact_step(names, values, params, call, prev, scale, features)
         except _NonFinite as err:
             if not scaled:
                 raise
@@ -314,7 +339,9 @@ class Balancer:
             target = (self._shared or params)[0]
             if target.grad is None:
                 target.grad = torch.zeros_like(target)
-            target.grad.view(-1)[0] = float("inf")
+            poisoned = distributed_mod.local(target.grad).view(-1)  # an FSDP shard may be empty
+            if poisoned.numel():
+                poisoned[0] = float("inf")
             return StepInfo(
                 weights=None,
                 losses=inputs_losses,
@@ -334,18 +361,22 @@ class Balancer:
             and self.step_count % self.update_every != 0
         )
 
-    def _loss_step(self, names, values, params, losses, scale, reused: Aggregation | None = None):
+    def _loss_step(self, names, values, params, call, prev, scale,
+                   reused: Aggregation | None = None) -> StepInfo:
+        sync = self.sync
         if self._shared:  # an explicitly empty shared set (no sharing) has nothing to reach
             self._check_reach(names, values, self._shared)
+        losses = self._total(names, call if sync is None else sync.mean(call), prev)
         agg = reused or self._aggregate(
             TaskInputs(losses=losses, task_names=names, step=self.step_count)
         )
         weights = agg.weights
-        # keep the graph when the heads need a second pass with their own weights
-        grads = jacobian.weighted_gradients(values, weights, params,
-                                            retain_graph=agg.head_weights is not None)
-        if agg.head_weights is not None and self._shared is not None:
+        reweight = agg.head_weights is not None and self._shared is not None
+        grads = jacobian.weighted_gradients(values, weights, params, retain_graph=reweight)
+        if reweight:
             grads = self._reweight_heads(values, params, grads, agg.head_weights)
+        if sync is not None:  # autograd.grad fired no DDP hook: average the result once, here
+            grads = sync.mean_present(grads, params)
         self._check_finite(grads, names, scale)
         self._add_to_grad(params, grads)
         self._close(names, losses, agg, written=None, commit=reused is None)
@@ -353,7 +384,7 @@ class Balancer:
 
     # -- path 2: gradients on a subset (representation z, or a method-chosen layer), then one
     #    ordinary backward of the weighted losses
-    def _subset_step(self, names, values, params, losses, scale, features, subset) -> StepInfo:
+    def _subset_step(self, names, values, params, call, prev, scale, features, subset) -> StepInfo:
         if subset is None:
             if features is None:
                 raise ValueError(
@@ -370,10 +401,32 @@ class Balancer:
             if not ok:
                 raise ValueError(f"loss {name!r} does not depend on {what}")
         grads = grads / scale
+        sync, k = self.sync, len(names)
         window = self._window if self.accumulation == "exact" else None
+        summed_gram = None
+        if sync is None:
+            losses = self._total(names, call, prev)
+        elif subset is None:
+            if self.method.requires == "grads":
+                raise ValueError(
+                    f"{type(self.method).__name__} needs the gradients on the features themselves, "
+                    "which are split across ranks; distributed training supports representation "
+                    "mode for methods with requires='gram' or 'losses'"
+                )
+            # rows of z are samples: the global batch's Gram is the sum of the local ones / R^2
+            buf = sync.sum_(torch.cat([(grads @ grads.T).double().reshape(-1), call]))
+            summed_gram = buf[: k * k].view(k, k) / sync.world**2
+            losses = self._total(names, buf[k * k :] / sync.world, prev)
+        else:
+            buf = sync.mean(torch.cat([grads.reshape(-1), call.to(grads.dtype)]))
+            grads = buf[:-k].view(k, -1)
+            losses = self._total(names, buf[-k:].double(), prev)
         if subset is not None and window is not None and window.grads is not None:
             grads = grads + window.grads  # same coordinates in every micro-batch: sum them
-        gram = self._gram(grads, names)
+        if summed_gram is not None:
+            gram = self._checked_gram(summed_gram, names)
+        else:
+            gram = self._gram(grads, names)
         if subset is None and window is not None and window.gram is not None:
             # features of different samples occupy disjoint coordinates of the concatenated
             # batch, so the window's Gram matrix is the sum of the micro-batches' ones
@@ -388,6 +441,8 @@ class Balancer:
                                           retain_graph=agg.head_weights is not None)
         if agg.head_weights is not None:
             out = self._reweight_heads(values, params, out, agg.head_weights)
+        if sync is not None:
+            out = sync.mean_present(out, params)
         self._check_finite(out, names, scale)
         self._add_to_grad(params, out)
         if subset is None:
@@ -397,7 +452,7 @@ class Balancer:
         return self._info(names, losses, agg, gram, engine)
 
     # -- path 3: exact task gradients on the shared parameters
-    def _exact_step(self, names, values, params, losses, scale, features) -> StepInfo:
+    def _exact_step(self, names, values, params, call, prev, scale, features) -> StepInfo:
         shared = self._shared
         shared_ids = {id(p) for p in shared}
         heads = [p for p in params if id(p) not in shared_ids]
@@ -435,6 +490,13 @@ class Balancer:
         head_grads = tg.heads
         if scale != 1.0:
             head_grads = [[None if g is None else g / scale for g in row] for row in head_grads]
+        sync, k, width = self.sync, len(names), grads.shape[1]
+        strategy = None if sync is None else sync.strategy
+        if strategy == "allreduce":  # one flat buffer: every task gradient and the losses
+            buf = sync.mean(torch.cat([grads.reshape(-1), call.to(grads.dtype)]))
+            grads, call = buf[:-k].view(k, width), buf[-k:].double()
+        elif strategy == "reduce_scatter":  # keep P/R columns of the averaged gradients
+            grads = sync.reduce_scatter_rows(grads)
         window = self._window
         if window is not None and self.accumulation == "exact" and window.grads is not None:
             grads = grads + window.grads
@@ -442,27 +504,41 @@ class Balancer:
                 [a if b is None else (b if a is None else a + b) for a, b in zip(ra, rb)]
                 for ra, rb in zip(head_grads, window.heads)
             ]
-        gram = self._gram(grads, names)
+        if strategy in ("reduce_scatter", "local_gram"):
+            # reduce_scatter: sum of the shards' Grams = the exact Gram; local_gram: mean of the
+            # ranks' own Grams (biased, documented). The losses ride in the same buffer.
+            buf = sync.sum_(torch.cat([(grads @ grads.T).double().reshape(-1), call]))
+            buf[k * k :] /= sync.world
+            if strategy == "local_gram":
+                buf[: k * k] /= sync.world
+            gram = self._checked_gram(buf[: k * k].view(k, k), names)
+            losses = self._total(names, buf[k * k :], prev)
+        else:
+            losses = self._total(names, call, prev)
+            gram = self._gram(grads, names)
         agg = self._aggregate(
             TaskInputs(losses=losses, gram=gram, grads=grads if self.method.requires == "grads" else None,
                        task_names=names, step=self.step_count)
         )
         if agg.direction is not None:
+            if strategy in ("reduce_scatter", "local_gram"):
+                raise ValueError(
+                    f"{type(self.method).__name__} returned a direction, which needs the full task "
+                    f"gradients: use distributed='allreduce', not {strategy!r}"
+                )
             direction = agg.direction.to(grads.dtype)
         else:
             direction = agg.weights.to(grads.dtype) @ grads
+        if strategy == "reduce_scatter":
+            direction = sync.all_gather_columns(direction, width)
         hw = agg.head_weights if agg.head_weights is not None else agg.weights
-        new = jacobian.unflatten(direction, shared)
-        head_out: list[Tensor | None] = []
-        for j in range(len(heads)):
-            total = None
-            for i in range(len(names)):
-                g = head_grads[i][j]
-                if g is None:
-                    continue
-                term = g if hw is None else g * hw[i].to(g.dtype)
-                total = term if total is None else total + term
-            head_out.append(total)
+        new: list[Tensor | None] = list(jacobian.unflatten(direction, shared))
+        head_out = self._combine_heads(head_grads, hw, len(heads))
+        if strategy == "local_gram":  # the local combination, averaged once
+            out = sync.mean_present(new + head_out, shared + heads)
+            new, head_out = out[: len(shared)], out[len(shared) :]
+        elif sync is not None:  # head gradients stayed local: average their combination
+            head_out = sync.mean_present(head_out, heads)
         contribution = [g * scale if scale != 1.0 else g for g in new] + [
             None if g is None else (g * scale if scale != 1.0 else g) for g in head_out
         ]
@@ -472,7 +548,136 @@ class Balancer:
         self._close(names, losses, agg, written=contribution, grads=grads, heads=head_grads)
         return self._info(names, losses, agg, gram, engine_name)
 
+    # -- path 4: FSDP2. autograd.grad cannot reach sharded parameters: k ordinary backward passes
+    #    (FSDP reduce-scatters each), the local shards' Grams summed across ranks = the exact Gram
+    def _fsdp_step(self, names, values, params, call, prev, scale) -> StepInfo:
+        method, sync, k = self.method, self.sync, len(names)
+        label = type(method).__name__
+        if method.requires == "grads" or method.mode == "representation":
+            what = "the full task gradients" if method.requires == "grads" else "features="
+            raise ValueError(
+                f"{label} needs {what}, which FSDP does not provide (parameters are sharded); "
+                "under FSDP use a method with requires='gram' or 'losses', or use DDP"
+            )
+        if method.requires == "losses":
+            losses = self._total(names, sync.mean(call), prev)
+            agg = self._aggregate(TaskInputs(losses=losses, task_names=names, step=self.step_count))
+            totals = [torch.stack(values).mul(agg.weights.to(values[0].dtype)).sum()]
+            if agg.head_weights is not None:
+                totals.append(torch.stack(values).mul(agg.head_weights.to(values[0].dtype)).sum())
+            passes = jacobian.backward_passes(totals, params)
+            grads = passes[0]
+            if len(passes) > 1:  # the heads' own weights: from the second pass
+                ids = {id(p) for p in (self._shared or params)}
+                grads = [g if id(p) in ids else h for p, g, h in zip(params, grads, passes[1])]
+            grads = self._mean_unsharded(grads, params)
+            self._check_finite(grads, names, scale, sync)
+            self._add_to_grad(params, grads)
+            self._close(names, losses, agg, written=None)
+            return self._info(names, losses, agg, None, "losses")
+        if self._shared is None:
+            raise ValueError(
+                "under FSDP pass shared_params explicitly: the autograd graph holds unsharded "
+                "copies of the parameters, so they cannot be inferred from it"
+            )
+        shared = self._shared
+        if not all(distributed_mod.is_sharded(p) for p in shared):
+            raise ValueError("under FSDP every shared parameter must be sharded by fully_shard")
+        shared_ids = {id(p) for p in shared}
+        heads = [p for p in params if id(p) not in shared_ids]
+        n = len(shared)
+        passes = jacobian.backward_passes(values, shared + heads)
+        local = distributed_mod.local
+        shards = [local(p) for p in shared]
+        rows, head_grads = [], []
+        for name, task in zip(names, passes):
+            if all(g is None for g in task[:n]):
+                raise ValueError(
+                    f"loss {name!r} does not reach any shared parameter; check shared_params"
+                )
+            rows.append(jacobian.flatten([None if g is None else local(g) for g in task[:n]], shards))
+            head_grads.append([None if g is None else local(g) / scale for g in task[n:]])
+        grads = torch.stack(rows) / scale
+        window = self._window
+        if window is not None and self.accumulation == "exact" and window.grads is not None:
+            grads = grads + window.grads
+            head_grads = [
+                [a if b is None else (b if a is None else a + b) for a, b in zip(ra, rb)]
+                for ra, rb in zip(head_grads, window.heads)
+            ]
+        subset_ids = {id(p) for p in method.shared_subset(shared)}
+        cols, offset = [], 0
+        for p, shard in zip(shared, shards):
+            size = shard.numel()
+            if id(p) in subset_ids:
+                cols.append(grads[:, offset : offset + size])
+            offset += size
+        sub = torch.cat(cols, dim=1) if len(cols) < n else grads
+        buf = sync.sum_(torch.cat([(sub @ sub.T).double().reshape(-1), call]))
+        gram = self._checked_gram(buf[: k * k].view(k, k), names)
+        losses = self._total(names, buf[k * k :] / sync.world, prev)
+        agg = self._aggregate(
+            TaskInputs(losses=losses, gram=gram, task_names=names, step=self.step_count)
+        )
+        if agg.weights is None:
+            raise ValueError(f"{label} returned a direction, which FSDP cannot apply")
+        like = distributed_mod.like_param
+        direction = agg.weights.to(grads.dtype) @ grads
+        new = [like(g, p) for g, p in zip(jacobian.unflatten(direction, shards), shared)]
+        hw = agg.head_weights if agg.head_weights is not None else agg.weights
+        combined = self._combine_heads(head_grads, hw, len(heads))
+        head_out = [None if g is None else like(g, p) for g, p in zip(combined, heads)]
+        head_out = self._mean_unsharded(head_out, heads)
+        contribution = [
+            None if g is None else (g * scale if scale != 1.0 else g) for g in new + head_out
+        ]
+        previous = window.written if (window is not None and self.accumulation == "exact") else None
+        self._write(shared + heads, contribution, previous)
+        self._close(names, losses, agg, written=contribution, grads=grads, heads=head_grads)
+        return self._info(names, losses, agg, gram, "fsdp")
+
     # ------------------------------------------------------------------ pieces
+    def _resolve_sync(self, params: list[Tensor]) -> distributed_mod.Sync | None:
+        """Decide once, at the first step (the process group may be created after the wrapper)."""
+        if not self._sync_resolved:
+            self.sync = distributed_mod.resolve(
+                self.distributed, self.process_group, self.method.requires, params
+            )
+            self._sync_resolved = True
+        return self.sync
+
+    def _total(self, names, call: Tensor, prev: Tensor | None) -> Tensor:
+        """The window's losses after this call (``call`` already averaged across ranks)."""
+        total = call if prev is None else call + prev
+        if self.sync is not None:
+            self._check_losses(names, total)
+        return total
+
+    def _mean_unsharded(self, grads: list[Tensor | None], params: list[Tensor]) -> list[Tensor | None]:
+        """Under FSDP, average the gradients of parameters that FSDP does not manage."""
+        idx = [j for j, p in enumerate(params) if not distributed_mod.is_sharded(p)]
+        if not idx:
+            return grads
+        out = list(grads)
+        reduced = self.sync.mean_present([grads[j] for j in idx], [params[j] for j in idx])
+        for j, g in zip(idx, reduced):
+            out[j] = g
+        return out
+
+    @staticmethod
+    def _combine_heads(head_grads, hw: Tensor | None, n_heads: int) -> list[Tensor | None]:
+        out: list[Tensor | None] = []
+        for j in range(n_heads):
+            total = None
+            for i in range(len(head_grads)):
+                g = head_grads[i][j]
+                if g is None:
+                    continue
+                term = g if hw is None else g * hw[i].to(g.dtype)
+                total = term if total is None else total + term
+            out.append(total)
+        return out
+
     def _pick_engine(self, features: Tensor | None, shared: list[Tensor]) -> str:
         if self.engine == "loop" or self._use_loop:
             return "loop"
@@ -485,7 +690,10 @@ class Balancer:
         return "loop"
 
     def _gram(self, grads: Tensor, names: tuple[str, ...]) -> Tensor:
-        gram = (grads @ grads.T).double()
+        return self._checked_gram((grads @ grads.T).double(), names)
+
+    @staticmethod
+    def _checked_gram(gram: Tensor, names: tuple[str, ...]) -> Tensor:
         finite = torch.isfinite(gram.diagonal())
         if not bool(finite.all()):
             bad = [names[i] for i in range(len(names)) if not bool(finite[i])]
@@ -510,12 +718,14 @@ class Balancer:
         return out
 
     @staticmethod
-    def _check_finite(grads: list[Tensor | None], names, scale: float) -> None:
-        present = [g for g in grads if g is not None]
+    def _check_finite(grads: list[Tensor | None], names, scale: float, sync=None) -> None:
+        present = [distributed_mod.local(g) for g in grads if g is not None]
         if not present:
             raise ValueError("the losses reach none of the optimizer's parameters")
-        total = torch.stack(torch._foreach_norm(present)).sum()
-        if not bool(torch.isfinite(total)):
+        total = torch.stack([g.float().abs().sum() for g in present]).sum()
+        if sync is not None:  # FSDP shards: agree across ranks, so that every rank raises
+            total = sync.sum_(total.reshape(1))
+        if not bool(torch.isfinite(total).all()):
             raise _NonFinite(f"the combined gradient of tasks {list(names)} contains NaN or inf")
 
     @staticmethod
@@ -567,6 +777,10 @@ class Balancer:
         if gram is not None:
             norms, cosine = gram_diagnostics(gram)
         weights = agg.weights.detach() if agg.weights is not None else None
+        extras = dict(agg.extras)
+        if self.sync is not None:
+            extras["distributed"] = self.sync.strategy + (" (fsdp)" if self.sync.fsdp else "")
+            extras["comm_bytes"] = self.sync.bytes_sent
         return StepInfo(
             weights=weights,
             losses=losses.detach(),
@@ -574,7 +788,7 @@ class Balancer:
             cosine=cosine,
             engine=engine,
             task_names=names,
-            extras=dict(agg.extras),
+            extras=extras,
         )
 
     # ------------------------------------------------------------------ window control

@@ -29,6 +29,7 @@ from torch import Tensor
 
 __all__ = [
     "TaskGradients",
+    "backward_passes",
     "feature_gradients",
     "flatten",
     "graph_leaves",
@@ -261,3 +262,27 @@ def weighted_gradients(
     return list(
         torch.autograd.grad(total, list(params), retain_graph=retain_graph, allow_unused=True)
     )
+
+
+def backward_passes(losses: Sequence[Tensor], params: Sequence[Tensor]) -> list[list[Tensor | None]]:
+    """The ``.grad`` each of ``losses`` leaves on ``params``, by ordinary ``backward()`` passes.
+
+    For FSDP2, whose sharded parameters :func:`torch.autograd.grad` cannot reach: each pass runs
+    FSDP's hooks (so its gradients arrive reduce-scattered). The graph is kept until the last pass;
+    the ``.grad`` that were there before are put back untouched.
+    """
+    params = list(params)
+    saved = [p.grad for p in params]
+    out: list[list[Tensor | None]] = []
+    try:
+        for p in params:
+            p.grad = None
+        for i, loss in enumerate(losses):
+            loss.backward(retain_graph=i < len(losses) - 1)
+            out.append([p.grad for p in params])
+            for p in params:
+                p.grad = None
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+    return out

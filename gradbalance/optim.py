@@ -57,6 +57,15 @@ class GradBalance(torch.optim.Optimizer):
         update_every: for methods that need per-task gradients, recompute the weights every
             ``update_every`` steps and reuse the last ones in between, at the cost of one
             ordinary backward (``StepInfo.engine == "reused"``). Default 1 (every step).
+        distributed: multi-process training (see the distributed guide): ``"auto"`` (default:
+            on when ``torch.distributed`` is initialised with more than one rank; exact, with
+            ``"reduce_scatter"`` for Gram-based methods on NCCL and ``"allreduce"`` otherwise),
+            ``"allreduce"`` (exact; all-reduce the ``k x P`` task gradients in one flat buffer),
+            ``"reduce_scatter"`` (exact for Gram-based methods, about half the traffic),
+            ``"local_gram"`` (approximate: the method sees the average of the ranks' local Gram
+            matrices; traffic like plain DDP) or ``"off"`` (each rank balances its own batch).
+            Per-task gradients never fire DDP's hooks, so no ``no_sync()`` is needed.
+        process_group: the ``torch.distributed`` process group to average over (default group).
 
     Raises:
         TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``, or bad argument types.
@@ -87,6 +96,8 @@ class GradBalance(torch.optim.Optimizer):
         task_weights: Sequence[float] | Mapping[str, float] | None = None,
         accumulation: str = "exact",
         update_every: int = 1,
+        distributed: str = "auto",
+        process_group: Any = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -113,6 +124,8 @@ class GradBalance(torch.optim.Optimizer):
             task_weights=task_weights,
             accumulation=accumulation,
             update_every=update_every,
+            distributed=distributed,
+            process_group=process_group,
         )
         self._balancer.validate_shared(self._optimizer_params())
         self.last_info: StepInfo | None = None
@@ -244,6 +257,8 @@ def backward(
     features: Tensor | None = None,
     engine: str = "auto",
     chunk_size: int | None = None,
+    distributed: str = "auto",
+    process_group: Any = None,
 ) -> StepInfo:
     """Balance ``losses`` and add the result to ``.grad``, without an optimizer wrapper.
 
@@ -260,6 +275,9 @@ def backward(
             :meth:`GradBalance.backward`.
         engine: ``"auto"``, ``"loop"`` or ``"batched"``, as for :class:`GradBalance`.
         chunk_size: tasks per batched call, as for :class:`GradBalance`.
+        distributed: as for :class:`GradBalance` (every call checks that the ranks agree, as
+            the wrapper's first step does; the wrapper is cheaper in multi-process training).
+        process_group: as for :class:`GradBalance`.
 
     Returns:
         :class:`~gradbalance.StepInfo`.
@@ -280,7 +298,8 @@ def backward(
         values = list(losses.values()) if isinstance(losses, Mapping) else list(losses)
         params = jacobian.graph_leaves([v for v in values if isinstance(v, Tensor)])
     balancer = Balancer(method, shared_params, as_parameter_list(params, "params"), engine=engine,
-                        chunk_size=chunk_size, accumulation="combine")
+                        chunk_size=chunk_size, accumulation="combine", distributed=distributed,
+                        process_group=process_group)
     info = balancer.backward(losses, features=features)
     balancer.commit()
     return info

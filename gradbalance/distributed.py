@@ -1,0 +1,249 @@
+"""Multi-process training (DDP, FSDP2): the only module of gradbalance that calls ``torch.distributed``.
+
+The :class:`~gradbalance.balancer.Balancer` computes each task's gradient with
+:func:`torch.autograd.grad`, which fires none of DDP's hooks: DDP's reducer never runs, so nothing
+is all-reduced twice and no ``no_sync()`` is needed. Instead the balancer averages what the method
+needs across ranks *before* the method sees it, with the collectives below, in flat buffers:
+
+``"allreduce"`` (exact, every method)
+    one all-reduce of ``[G (k x P) | losses (k)]``, then one of the combined task-specific
+    gradients. Per-rank traffic ``~ 2kP`` (ring).
+``"reduce_scatter"`` (exact, methods with ``requires="gram"``; the default for them on NCCL)
+    reduce-scatter ``G`` (each rank keeps ``P/R`` columns of the averaged gradients), all-reduce the
+    ``k x k`` Grams of the shards (their sum is the Gram of the global gradients) with the losses,
+    combine the shard with the weights and all-gather the direction. Traffic ``~ (k + 1) P``.
+``"local_gram"`` (approximate, ``requires="gram"``)
+    the method sees the *average of the ranks' local Grams* (biased: it adds the between-rank
+    variance of the gradients to the Gram); the combined gradient is then averaged. Traffic ``~ 2P``,
+    like plain DDP.
+
+Losses-only methods all-reduce the ``k`` losses, then the one combined gradient (``2P``, like DDP).
+Representation-mode methods all-reduce the ``k x k`` Gram of ``dL_i/dz``: the rows of ``z`` are
+samples, so the sum of the local Grams divided by ``R^2`` *is* the Gram of the global batch.
+
+Under FSDP2 (``fully_shard``; parameters are ``DTensor`` shards) :func:`torch.autograd.grad`
+cannot reach the sharded parameters, so the balancer runs ``k`` ordinary backward passes (FSDP
+reduce-scatters each one), keeps every task's local shard, and all-reduces the shards' ``k x k``
+Grams: exact for losses- and Gram-based methods; methods that need the full gradients raise.
+
+Conventions: every rank passes the same task names, losses are batch *means* and every rank holds
+the same number of samples (DDP's own assumption), so the global loss is the mean of the ranks'.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["STRATEGIES", "Sync", "resolve"]
+
+STRATEGIES = ("auto", "off", "allreduce", "reduce_scatter", "local_gram")
+
+
+
+def _collective(new: str, old: str):
+    """torch 2.13 renamed some collectives (the old names warn); older torch has only the old."""
+    return getattr(dist, new, None) or getattr(dist, old)
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - very old torch
+        return None
+    return DTensor
+
+
+def is_sharded(t: Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor`` (an FSDP2 parameter shard)."""
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def local(t: Tensor) -> Tensor:
+    """The local shard of a ``DTensor``; any other tensor as it is."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def like_param(values: Tensor, param: Tensor) -> Tensor:
+    """Wrap a local gradient shard as a gradient of ``param`` (a ``DTensor`` for FSDP2 params)."""
+    if not is_sharded(param):
+        return values.view_as(param)
+    cls = _dtensor_type()
+    shard = param.to_local()
+    return cls.from_local(values.view_as(shard), param.device_mesh, param.placements,
+                          run_check=False, shape=param.shape, stride=param.stride())
+
+
+def validate(strategy: str, requires: str) -> None:
+    """Raise the clear errors of a bad ``distributed=`` choice (before any step)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"distributed must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy in ("reduce_scatter", "local_gram") and requires == "grads":
+        raise ValueError(
+            f"distributed={strategy!r} works on the Gram matrix only, but the method needs the task "
+            "gradients themselves (requires='grads'); use distributed='allreduce' or 'auto'"
+        )
+
+
+def resolve(strategy: str, group: Any, requires: str, params: Sequence[Tensor]) -> Sync | None:
+    """The :class:`Sync` of a balancer, or ``None`` for single-process training.
+
+    ``"auto"``: on when ``torch.distributed`` is initialised with more than one rank in ``group``;
+    then ``"reduce_scatter"`` for Gram-based methods on NCCL, ``"allreduce"`` otherwise (gloo's
+    reduce-scatter measured slower than its all-reduce of the whole ``k x P`` buffer, at 30k and
+    at 2M parameters: benchmarks/ddp_multidigits.py).
+    """
+    validate(strategy, requires)
+    if strategy == "off":
+        return None
+    ready = dist.is_available() and dist.is_initialized()
+    if not ready:
+        if strategy == "auto":
+            return None
+        raise ValueError(f"distributed={strategy!r} needs torch.distributed.init_process_group() first")
+    world = dist.get_world_size(group)
+    if strategy == "auto":
+        if world == 1:
+            return None
+        nccl = str(dist.get_backend(group)).lower() == "nccl"
+        strategy = "reduce_scatter" if requires == "gram" and nccl else "allreduce"
+    fsdp = any(is_sharded(p) for p in params)
+    return Sync(strategy, group, world, fsdp)
+
+
+def _digest(obj: Any) -> str:
+    """A hash of nested tensors / numbers / strings (state dicts, parameters)."""
+    h = hashlib.sha1()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, Tensor):
+            t = local(x).detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, dict):
+            for key in sorted(x, key=str):
+                h.update(f"K{key!r}".encode())
+                feed(x[key])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}".encode())
+            for item in x:
+                feed(item)
+        else:
+            h.update(f"V{x!r}".encode())
+
+    feed(obj)
+    return h.hexdigest()
+
+
+class Sync:
+    """The collectives of one balancer (see the module docstring).
+
+    Attributes:
+        strategy: ``"allreduce"``, ``"reduce_scatter"`` or ``"local_gram"``.
+        group: the process group (``None``: the default group).
+        world: number of ranks in ``group``.
+        fsdp: the optimizer holds FSDP2 (``DTensor``) parameters.
+        bytes_sent: bytes this rank sends in the current call (ring algorithms: an all-reduce of
+            ``n`` bytes sends ``2 (R-1)/R n``, a reduce-scatter or all-gather ``(R-1)/R n``).
+    """
+
+    def __init__(self, strategy: str, group: Any, world: int, fsdp: bool) -> None:
+        self.strategy = strategy
+        self.group = group
+        self.world = world
+        self.fsdp = fsdp
+        self.bytes_sent = 0
+        self.checked = False
+
+    def _count(self, t: Tensor, factor: float) -> None:
+        self.bytes_sent += int(factor * (self.world - 1) / self.world * t.numel() * t.element_size())
+
+    # ------------------------------------------------------------------ collectives
+    def sum_(self, flat: Tensor) -> Tensor:
+        """All-reduce (sum) ``flat`` in place and return it."""
+        self._count(flat, 2.0)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+        return flat
+
+    def mean(self, flat: Tensor) -> Tensor:
+        """The average of ``flat`` over the ranks (a new tensor)."""
+        return self.sum_(flat.clone()).div_(self.world)
+
+    def reduce_scatter_rows(self, grads: Tensor) -> Tensor:
+        """``(k, P)`` -> this rank's ``(k, ceil(P/R))`` columns of the rank-average (zero-padded)."""
+        k, p = grads.shape
+        chunk = -(-p // self.world)
+        padded = torch.nn.functional.pad(grads, (0, chunk * self.world - p))
+        send = padded.view(k, self.world, chunk).transpose(0, 1).contiguous().view(-1)
+        out = send.new_empty(k * chunk)
+        self._count(send, 1.0)
+        _collective("reduce_scatter_single", "reduce_scatter_tensor")(out, send, op=dist.ReduceOp.SUM, group=self.group)
+        return out.view(k, chunk).div_(self.world)
+
+    def all_gather_columns(self, shard: Tensor, p: int) -> Tensor:
+        """Inverse layout of :meth:`reduce_scatter_rows` for one row: ``(chunk,)`` -> ``(P,)``."""
+        out = shard.new_empty(shard.numel() * self.world)
+        self._count(out, 1.0)
+        _collective("all_gather_single", "all_gather_into_tensor")(out, shard.contiguous(), group=self.group)
+        return out[:p]
+
+    def mean_present(self, grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> list[Tensor | None]:
+        """Average a list of per-parameter gradients (``None`` = not reached) in one flat buffer.
+
+        A gradient absent on some ranks counts as zero there; absent on every rank it stays
+        ``None`` (like DDP with ``find_unused_parameters``). A presence flag per tensor rides along.
+        """
+        if not params:
+            return []
+        ref = next((g for g in grads if g is not None), None)
+        dtype = ref.dtype if ref is not None else params[0].dtype
+        device = ref.device if ref is not None else params[0].device
+        parts = [
+            local(g).to(dtype).reshape(-1) if g is not None
+            else torch.zeros(local(p).numel(), dtype=dtype, device=device)
+            for g, p in zip(grads, params)
+        ]
+        flags = torch.tensor([g is not None for g in grads], dtype=dtype, device=device)
+        flat = self.sum_(torch.cat(parts + [flags]))
+        out: list[Tensor | None] = []
+        offset = 0
+        present = flat[-len(params):].tolist()  # one host sync
+        for j, (part, p) in enumerate(zip(parts, params)):
+            n = part.numel()
+            if present[j] == 0.0:
+                out.append(None)
+            else:
+                out.append(like_param(flat[offset : offset + n].div(self.world), p))
+            offset += n
+        return out
+
+    # ------------------------------------------------------------------ first step
+    def check(self, names: Sequence[str], method: Any, step: int, params: Sequence[Tensor]) -> None:
+        """Once: every rank must have the same tasks, method state, step count and (unless FSDP
+        shards them) parameters; raise the same ValueError on every rank otherwise."""
+        if self.checked:
+            return
+        mine = {
+            "tasks": list(names),
+            "method": _digest(method.state_dict()),  # not repr(): it may name a rank's device
+            "step": int(step),
+            "strategy": self.strategy,
+        }
+        if not self.fsdp:
+            mine["parameters"] = _digest(list(params))
+        every: list[Any] = [None] * self.world
+        dist.all_gather_object(every, mine, group=self.group)
+        bad = sorted({key for other in every for key in mine if other[key] != every[0][key]})
+        if bad:
+            raise ValueError(
+                f"gradbalance: ranks disagree on {bad} at the first step; every rank must pass the "
+                "same tasks, build the method with the same arguments and seed, and start from the "
+                "same parameters (DDP broadcasts them from rank 0; without DDP, broadcast them)"
+            )
+        self.checked = True
