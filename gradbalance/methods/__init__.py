@@ -9,6 +9,7 @@ from gradbalance.methods.base import (
     register,
 )
 from gradbalance.methods.linear import Mean, Sum
+from gradbalance.methods.mgda import MGDA
 
 __all__ = [
     "Aggregation",
@@ -18,5 +19,6 @@ __all__ = [
     "make_method",
     "register",
     "Mean",
+    "MGDA",
     "Sum",
 ]

@@ -1,0 +1,395 @@
+"""Quadratic programs on the k x k Gram matrix of the task gradients.
+
+Every solver here is a pure function of a small ``(k, k)`` matrix ``M = G G^T`` (``G`` the
+``(k, P)`` task-gradient matrix); none of them ever sees ``G``. Results are float64.
+
+Sections:
+
+* **Min-norm point of the convex hull** (MGDA, Sener & Koltun 2018):
+  ``min_{a in simplex} a^T M a = ||sum_i a_i g_i||^2``. :func:`min_norm_closed_form` (k = 2),
+  :func:`min_norm_frank_wolfe`, :func:`min_norm_cvxpy` and the dispatcher :func:`min_norm`.
+  All return a :class:`MinNormResult`; :func:`fw_gap` and :func:`best_pair` are the shared pieces.
+
+Host synchronisation: the iterative solvers branch on values (convergence tests, active sets),
+which on an accelerator would cost one device-to-host sync per iteration. They therefore copy
+``M`` to the CPU once (one sync for the whole solve; ``k x k`` is tiny), iterate in NumPy
+(a torch call costs ~5 us of overhead, more than the arithmetic of a k x k step), and return
+the weights on ``M``'s device. :func:`min_norm_closed_form` stays on the device and never syncs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MinNormResult",
+    "SolverError",
+    "best_pair",
+    "fw_gap",
+    "min_norm",
+    "min_norm_closed_form",
+    "min_norm_cvxpy",
+    "min_norm_frank_wolfe",
+]
+
+MIN_NORM_SOLVERS = ("auto", "frank_wolfe", "cvxpy", "closed_form")
+# Clarabel's default tolerances (1e-8) leave weight errors of ~1e-5 at k = 64; these give ~1e-8.
+_CLARABEL_DEFAULTS = {"tol_gap_abs": 1e-12, "tol_gap_rel": 1e-12, "tol_feas": 1e-12, "tol_ktratio": 1e-10}
+_GAP_FLOOR = 1e-13  # rounding floor of the Frank-Wolfe gap test, times k * max_i M_ii
+
+
+class SolverError(ValueError):
+    """A QP solver failed or returned a non-optimal status (never swallowed silently)."""
+
+
+class MinNormResult(NamedTuple):
+    """Solution of ``min_{a in simplex} a^T M a``.
+
+    Attributes:
+        weights: ``(k,)`` float64 weights ``a`` (non-negative, summing to 1), on ``M``'s device.
+        objective: ``a^T M a = ||d||^2`` with ``d = sum_i a_i g_i`` (a 0-dim float64 tensor).
+        gap: the Frank-Wolfe duality gap ``a^T M a - min_i (M a)_i`` (>= 0; 0 at the optimum);
+            it bounds the sub-optimality: ``||d||^2 - ||d*||^2 <= 2 gap``.
+        iterations: iterations taken (0 for the closed form).
+        status: ``"optimal"`` (gap within tolerance), ``"max_iter"`` (iteration cap reached:
+            the best iterate is returned) or ``"stalled"`` (rounding stopped progress above the
+            tolerance: the best iterate is returned).
+    """
+
+    weights: Tensor
+    objective: Tensor
+    gap: Tensor
+    iterations: int
+    status: str
+
+
+def _check_gram(M: Tensor) -> Tensor:
+    if not isinstance(M, Tensor):
+        raise TypeError(f"M must be a torch.Tensor, got {type(M).__name__}")
+    if M.ndim != 2 or M.shape[0] != M.shape[1] or M.shape[0] < 1:
+        raise ValueError(f"M must be a square (k, k) matrix with k >= 1, got shape {tuple(M.shape)}")
+    M = M.detach().to(torch.float64)
+    if not bool(torch.isfinite(M).all()):
+        raise ValueError("M contains NaN or inf")
+    return M
+
+
+def fw_gap(M: Tensor, a: Tensor) -> Tensor:
+    """Frank-Wolfe duality gap of ``a`` for ``min_{a in simplex} a^T M a``.
+
+    Args:
+        M: ``(k, k)`` symmetric positive semi-definite matrix.
+        a: ``(k,)`` point of the simplex.
+
+    Returns:
+        ``a^T M a - min_i (M a)_i``: with ``d = G^T a``, ``||d||^2 - min_i g_i . d``. It is >= 0
+        and is 0 exactly at the optimum (the KKT conditions ``g_i . d >= ||d||^2``).
+    """
+    Ma = M @ a
+    return a @ Ma - Ma.min()
+
+
+def _pair_gamma(v11: Tensor, v12: Tensor, v22: Tensor) -> Tensor:
+    """Weight on the first vector of ``min_{g in [0,1]} ||g u + (1-g) w||^2`` (elementwise).
+
+    ``gamma = (v22 - v12) / (v11 + v22 - 2 v12)`` clipped to [0, 1]; the denominator is
+    ``||u - w||^2``, and when it is 0 (``u = w``: every gamma is optimal) gamma is 1/2.
+    """
+    den = v11 + v22 - 2.0 * v12
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    return torch.where(den > 0, (v22 - v12) / safe, torch.full_like(den, 0.5)).clamp(0.0, 1.0)
+
+
+def _best_pair_np(M: np.ndarray) -> tuple[int, int, float]:
+    d = M.diagonal()
+    den = d[:, None] + d[None, :] - 2.0 * M
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gamma = np.where(den > 0, (d[None, :] - M) / den, 0.5).clip(0.0, 1.0)
+    value = gamma * gamma * d[:, None] + (1 - gamma) ** 2 * d[None, :] + 2 * gamma * (1 - gamma) * M
+    i, j = divmod(int(np.argmin(value)), M.shape[0])
+    return i, j, float(gamma[i, j])
+
+
+def best_pair(M: Tensor) -> tuple[int, int, float]:
+    """The pair of vertices (or single vertex) whose segment holds the lowest-norm point.
+
+    The initialisation of the paper's Frank-Wolfe: the 2-task closed form on every pair
+    ``(i, j)`` at once (``i = j`` covers single vertices), then the pair of lowest norm.
+
+    Args:
+        M: ``(k, k)`` symmetric PSD matrix.
+
+    Returns:
+        ``(i, j, gamma)``: the point ``gamma e_i + (1 - gamma) e_j`` of the simplex.
+    """
+    return _best_pair_np(_check_gram(M).cpu().numpy())
+
+
+def min_norm_closed_form(M: Tensor) -> MinNormResult:
+    """Exact min-norm point of two vectors (MGDA's Algorithm 1 for k = 2).
+
+    ``a = (gamma, 1 - gamma)`` with ``gamma = (v22 - v12) / (v11 + v22 - 2 v12)`` clipped to
+    [0, 1], ``v_ij = g_i . g_j``. Identical gradients (zero denominator) get ``(1/2, 1/2)``.
+    Stays on ``M``'s device (no host sync). A ``(1, 1)`` matrix gives ``a = (1,)``.
+
+    Args:
+        M: ``(2, 2)`` (or ``(1, 1)``) Gram matrix.
+
+    Returns:
+        :class:`MinNormResult` with ``iterations = 0`` and ``status = "optimal"``.
+
+    Raises:
+        ValueError: ``M`` is not 2 x 2 (or 1 x 1), or contains NaN/inf.
+
+    References:
+        Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018,
+        Algorithm 1.
+    """
+    M = _check_gram(M)
+    k = M.shape[0]
+    if k > 2:
+        raise ValueError(f"the closed form solves k <= 2 tasks, got k = {k}; use frank_wolfe or cvxpy")
+    if k == 1:
+        a = torch.ones(1, dtype=M.dtype, device=M.device)
+    else:
+        g = _pair_gamma(M[0, 0], M[0, 1], M[1, 1])
+        a = torch.stack([g, 1.0 - g])
+    return MinNormResult(a, a @ M @ a, fw_gap(M, a), 0, "optimal")
+
+
+def _affine_min(Ms: np.ndarray) -> np.ndarray | None:
+    """Weights (summing to 1) of the min-norm point of the affine hull of the active vertices."""
+    n = Ms.shape[0]
+    K = np.ones((n + 1, n + 1))
+    K[:n, :n] = Ms
+    K[n, n] = 0.0
+    rhs = np.zeros(n + 1)
+    rhs[n] = 1.0
+    try:
+        sol = np.linalg.solve(K, rhs)
+    except np.linalg.LinAlgError:
+        sol = None
+    if sol is None or not np.isfinite(sol).all():
+        sol = np.linalg.lstsq(K, rhs, rcond=None)[0]  # numerically dependent vertices
+    y = sol[:n]
+    return y if np.isfinite(y).all() else None
+
+
+def _corrective_step(M: np.ndarray, a: np.ndarray, t: int) -> np.ndarray | None:
+    """Add vertex ``t`` to the active set and run Wolfe's minor cycle; None on numerical failure."""
+    S = np.flatnonzero(a > 0)
+    if (S == t).any():
+        return None  # t already active: the affine minimiser is sub-optimal only by rounding
+    S = np.append(S, t)
+    lam = np.append(a[S[:-1]], 0.0)
+    for _ in range(S.size + 1):
+        y = _affine_min(M[np.ix_(S, S)])
+        if y is None:
+            return None
+        if (y > 0).all():
+            lam = y
+            break
+        neg = y <= 0
+        if neg[-1] and lam[-1] == 0.0:
+            return None  # the new vertex does not enter: no descent direction (rounding)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(neg, lam / (lam - y), 2.0)
+        r = int(np.argmin(ratio))
+        lam = lam + ratio[r] * (y - lam)
+        lam[r] = 0.0
+        keep = lam > 0
+        S, lam = S[keep], lam[keep]
+        if S.size == 0:
+            return None
+    out = np.zeros_like(a)
+    out[S] = np.maximum(lam, 0.0)
+    return out / out.sum()
+
+
+def _frank_wolfe_np(M: np.ndarray, max_iter: int, tol: float, corrective: bool):
+    """The Frank-Wolfe loop on a NumPy float64 matrix: returns ``(a, iterations, status)``."""
+    k = M.shape[0]
+    floor = _GAP_FLOOR * k * max(float(M.diagonal().max()), 0.0)
+    i, j, gamma = _best_pair_np(M)
+    a = np.zeros(k)
+    a[i] += gamma
+    a[j] += 1.0 - gamma
+    Ma = M @ a
+    f = float(a @ Ma)
+    it = 0
+    while True:
+        t = int(np.argmin(Ma))
+        if f - Ma[t] <= tol * f + floor:
+            return a, it, "optimal"
+        if it >= max_iter:
+            return a, it, "max_iter"
+        it += 1
+        if not corrective:
+            den = f + M[t, t] - 2.0 * Ma[t]  # ||d - g_t||^2 > 0 here since the gap is > 0
+            g = min(max((M[t, t] - Ma[t]) / den, 0.0), 1.0) if den > 0 else 0.5
+            a *= g
+            a[t] += 1.0 - g
+            Ma = g * Ma + (1.0 - g) * M[:, t]
+            f = float(a @ Ma)
+            continue
+        new = _corrective_step(M, a, t)
+        if new is None:
+            return a, it, "stalled"
+        new_Ma = M @ new
+        new_f = float(new @ new_Ma)
+        if new_f >= f:  # no progress: rounding; keep the better iterate
+            return a, it, "stalled"
+        a, Ma, f = new, new_Ma, new_f
+
+
+def min_norm_frank_wolfe(
+    M: Tensor, max_iter: int = 250, tol: float = 1e-5, *, corrective: bool = True
+) -> MinNormResult:
+    """Frank-Wolfe for ``min_{a in simplex} a^T M a`` (MGDA's Algorithm 2).
+
+    Initialised from the best pair (:func:`best_pair`). Each iteration picks the vertex
+    ``t = argmin_i (M a)_i`` (the task gradient most opposed to ``d = G^T a``), then:
+
+    * ``corrective=False``: the paper's step, an exact line search between ``d`` and ``g_t``
+      by the 2-vector closed form, ``a <- gamma a + (1 - gamma) e_t``. Converges at the
+      Frank-Wolfe rate O(1/t) and zig-zags when the optimum lies inside a face.
+    * ``corrective=True`` (default): the same vertex choice, followed by a fully corrective
+      step (Wolfe's min-norm-point minor cycle): ``a`` is re-optimised over the affine hull of
+      its active vertices, stepping back to the simplex boundary and dropping vertices while
+      that minimiser leaves it. This reaches the exact optimum in finitely many iterations
+      (about one per active task), so the weights match a QP solver's to rounding instead of
+      to the O(1/t) accuracy of plain Frank-Wolfe.
+
+    Stopping rule: the duality gap ``a^T M a - min_i (M a)_i`` (which bounds the error of
+    ``d``: ``||d - d*||^2 <= 2 gap``) is at most ``tol * a^T M a + 1e-13 * k * max_i M_ii``
+    (relative to ``||d||^2``, with a rounding floor); or ``max_iter`` iterations; or no more
+    progress under rounding. The last (best) iterate is returned in every case.
+
+    Args:
+        M: ``(k, k)`` symmetric PSD Gram matrix, any device. The loop runs in NumPy on the
+            CPU: one copy of ``M`` to the host per solve, no per-iteration device syncs (and
+            k x k operations are far cheaper there than as accelerator kernels).
+        max_iter: iteration cap, int >= 0 (default 250, as the official code).
+        tol: relative duality-gap tolerance, > 0 (default 1e-5).
+        corrective: add the fully corrective step (default True); False is the paper's plain
+            Frank-Wolfe.
+
+    Returns:
+        :class:`MinNormResult` (weights on ``M``'s device).
+
+    Raises:
+        ValueError: bad ``M`` (not square, NaN/inf), ``max_iter < 0`` or ``tol <= 0``.
+
+    References:
+        Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018,
+        Algorithm 2; P. Wolfe, "Finding the nearest point in a polytope", Mathematical
+        Programming 11, 1976 (the corrective minor cycle). Deviations from the official code
+        (isl-org/MultiObjectiveOptimization, ``min_norm_solvers.py``): the gap stopping rule
+        replaces the rule "L1 change of ``a`` below 1e-5"; the iteration counter is
+        incremented (the official one never is, so its cap never applies); the last iterate
+        is returned (the official code returns the previous one on convergence).
+    """
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise ValueError(f"max_iter must be an int >= 0, got {max_iter!r}")
+    if not (isinstance(tol, (int, float)) and tol > 0):
+        raise ValueError(f"tol must be a number > 0, got {tol!r}")
+    M_in = _check_gram(M)
+    M_np = M_in.cpu().numpy()
+    M_np = (M_np + M_np.T) / 2.0
+    a_np, it, status = _frank_wolfe_np(M_np, max_iter, float(tol), corrective)
+    a = torch.from_numpy(a_np).to(M_in.device)
+    return MinNormResult(a, a @ M_in @ a, fw_gap(M_in, a).clamp_min(0.0), it, status)
+
+
+def min_norm_cvxpy(M: Tensor, solver: str = "CLARABEL", **solver_options) -> MinNormResult:
+    """``min_{a in simplex} a^T M a`` through cvxpy, as a second-order-cone/QP problem.
+
+    PSD-safe formulation: ``M / max_i M_ii = L L^T`` from an eigendecomposition with the
+    negative rounding eigenvalues clipped to 0 (``L`` keeps the columns of positive
+    eigenvalues), then ``minimise ||L^T a||^2`` subject to ``a >= 0, sum(a) = 1``. Scaling by
+    the largest diagonal entry leaves the minimiser unchanged and keeps the solver's absolute
+    tolerances meaningful.
+
+    Args:
+        M: ``(k, k)`` symmetric PSD Gram matrix (any device; solved on the CPU).
+        solver: the cvxpy solver, named explicitly (default ``"CLARABEL"``, installed with
+            cvxpy; ``"SCS"``, ``"OSQP"`` ... also work).
+        **solver_options: passed to ``problem.solve``. For Clarabel the gap and feasibility
+            tolerances default to 1e-12 (Clarabel's own 1e-8 leaves weight errors near 1e-5).
+
+    Returns:
+        :class:`MinNormResult` with the solver's iteration count (0 if it reports none) and
+        ``status = "optimal"``.
+
+    Raises:
+        SolverError: the solver is not installed, fails, or ends with any status other than
+            ``optimal`` (``optimal_inaccurate`` included). Never returns a stale answer.
+        ValueError: bad ``M``.
+
+    References:
+        Sener & Koltun, NeurIPS 2018, eq. (3); Diamond & Boyd, "CVXPY", JMLR 2016; Goulart &
+        Chen, "Clarabel: an interior-point solver for conic programs", 2024.
+    """
+    import cvxpy as cp  # imported lazily: it takes about a second
+
+    M_in = _check_gram(M)
+    M = M_in.cpu()
+    k = M.shape[0]
+    if solver not in cp.installed_solvers():
+        raise SolverError(f"cvxpy solver {solver!r} is not installed; installed: {cp.installed_solvers()}")
+    scale = float(M.diagonal().max())
+    if scale <= 0.0:  # all gradients zero: every point of the simplex is optimal
+        a = M_in.new_full((k,), 1.0 / k)
+        return MinNormResult(a, a @ M_in @ a, fw_gap(M_in, a).clamp_min(0.0), 0, "optimal")
+    w, V = torch.linalg.eigh((M + M.T) / (2.0 * scale))
+    pos = w > 0
+    L = (V[:, pos] * w[pos].sqrt()).numpy()
+    x = cp.Variable(k)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(L.T @ x)), [x >= 0, cp.sum(x) == 1])
+    options = dict(_CLARABEL_DEFAULTS) if solver == "CLARABEL" else {}
+    options.update(solver_options)
+    try:
+        problem.solve(solver=solver, **options)
+    except cp.error.SolverError as err:
+        raise SolverError(f"cvxpy solver {solver} failed on the min-norm QP (k={k}): {err}") from err
+    if problem.status != cp.OPTIMAL or x.value is None:
+        raise SolverError(
+            f"cvxpy solver {solver} ended with status {problem.status!r} on the min-norm QP "
+            f"(k={k}); refusing to use its answer"
+        )
+    a = torch.as_tensor(x.value, dtype=torch.float64).clamp_min(0.0)
+    a = (a / a.sum()).to(M_in.device)
+    stats = problem.solver_stats
+    iters = int(stats.num_iters) if stats is not None and stats.num_iters is not None else 0
+    return MinNormResult(a, a @ M_in @ a, fw_gap(M_in, a).clamp_min(0.0), iters, "optimal")
+
+
+def min_norm(M: Tensor, solver: str = "auto", *, max_iter: int = 250, tol: float = 1e-5) -> MinNormResult:
+    """Min-norm point of the convex hull of the task gradients, from their Gram matrix.
+
+    Args:
+        M: ``(k, k)`` Gram matrix ``G G^T``.
+        solver: ``"auto"`` (closed form for k <= 2, Frank-Wolfe otherwise), ``"frank_wolfe"``,
+            ``"cvxpy"`` (Clarabel) or ``"closed_form"`` (k <= 2 only).
+        max_iter, tol: Frank-Wolfe's iteration cap and gap tolerance (ignored by the others).
+
+    Returns:
+        :class:`MinNormResult`.
+
+    Raises:
+        ValueError: unknown solver, or ``"closed_form"`` with k > 2.
+        SolverError: the cvxpy solver failed.
+    """
+    if solver not in MIN_NORM_SOLVERS:
+        raise ValueError(f"solver must be one of {MIN_NORM_SOLVERS}, got {solver!r}")
+    if solver == "auto":
+        solver = "closed_form" if M.shape[0] <= 2 else "frank_wolfe"
+    if solver == "closed_form":
+        return min_norm_closed_form(M)
+    if solver == "cvxpy":
+        return min_norm_cvxpy(M)
+    return min_norm_frank_wolfe(M, max_iter=max_iter, tol=tol)
