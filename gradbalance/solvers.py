@@ -19,6 +19,7 @@ the weights on ``M``'s device. :func:`min_norm_closed_form` stays on the device 
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -37,7 +38,7 @@ __all__ = [
 ]
 
 MIN_NORM_SOLVERS = ("auto", "frank_wolfe", "cvxpy", "closed_form")
-# Clarabel's default tolerances (1e-8) leave weight errors of ~1e-5 at k = 64; these give ~1e-8.
+# Tighter than Clarabel's own 1e-8, so that its weights match Frank-Wolfe's to ~1e-10, not ~1e-8.
 _CLARABEL_DEFAULTS = {"tol_gap_abs": 1e-12, "tol_gap_rel": 1e-12, "tol_feas": 1e-12, "tol_ktratio": 1e-10}
 _GAP_FLOOR = 1e-13  # rounding floor of the Frank-Wolfe gap test, times k * max_i M_ii
 
@@ -308,18 +309,21 @@ def min_norm_frank_wolfe(
 def min_norm_cvxpy(M: Tensor, solver: str = "CLARABEL", **solver_options) -> MinNormResult:
     """``min_{a in simplex} a^T M a`` through cvxpy, as a second-order-cone/QP problem.
 
-    PSD-safe formulation: ``M / max_i M_ii = L L^T`` from an eigendecomposition with the
-    negative rounding eigenvalues clipped to 0 (``L`` keeps the columns of positive
-    eigenvalues), then ``minimise ||L^T a||^2`` subject to ``a >= 0, sum(a) = 1``. Scaling by
-    the largest diagonal entry leaves the minimiser unchanged and keeps the solver's absolute
-    tolerances meaningful.
+    PSD-safe and scale-free formulation: with ``s_i = ||g_i||`` divided by the smallest non-zero
+    norm (``s_i = 1`` for a zero gradient) and ``b = s * a``, ``a^T M a = b^T C b`` where ``C = M / (s s^T)`` has a unit
+    diagonal; ``C = L L^T`` from an eigendecomposition with the negative rounding eigenvalues
+    clipped to 0; the problem solved is ``minimise ||L^T b||^2`` subject to ``b >= 0``,
+    ``sum_i b_i / s_i = 1``, and ``a = b / s``. (Factoring ``M`` itself fails on gradients
+    scaled 1e-6 vs 1e6: their Gram entries span 24 orders of magnitude.)
 
     Args:
         M: ``(k, k)`` symmetric PSD Gram matrix (any device; solved on the CPU).
         solver: the cvxpy solver, named explicitly (default ``"CLARABEL"``, installed with
             cvxpy; ``"SCS"``, ``"OSQP"`` ... also work).
-        **solver_options: passed to ``problem.solve``. For Clarabel the gap and feasibility
-            tolerances default to 1e-12 (Clarabel's own 1e-8 leaves weight errors near 1e-5).
+        **solver_options: passed to ``problem.solve``. Without options, Clarabel runs with
+            gap and feasibility tolerances of 1e-12 (its own are 1e-8); if it cannot reach them (status ``optimal_inaccurate``, seen on
+            gradients scaled 1e-6 vs 1e6) it is re-run once at its own default tolerances, and
+            that answer is accepted only with status ``optimal``.
 
     Returns:
         :class:`MinNormResult` with the solver's iteration count (0 if it reports none) and
@@ -341,27 +345,41 @@ def min_norm_cvxpy(M: Tensor, solver: str = "CLARABEL", **solver_options) -> Min
     k = M.shape[0]
     if solver not in cp.installed_solvers():
         raise SolverError(f"cvxpy solver {solver!r} is not installed; installed: {cp.installed_solvers()}")
-    scale = float(M.diagonal().max())
-    if scale <= 0.0:  # all gradients zero: every point of the simplex is optimal
+    if float(M.diagonal().max()) <= 0.0:  # all gradients zero: every point is optimal
         a = M_in.new_full((k,), 1.0 / k)
         return MinNormResult(a, a @ M_in @ a, fw_gap(M_in, a).clamp_min(0.0), 0, "optimal")
-    w, V = torch.linalg.eigh((M + M.T) / (2.0 * scale))
+    # b = s * a with s_i proportional to ||g_i||: the quadratic form becomes the cosine matrix C (unit
+    # diagonal), whatever the gradient scales; the scales move into the linear constraint.
+    # (s is divided by the smallest non-zero norm, which only rescales the objective: the
+    # constraint's coefficients 1 / s_i lie in (0, 1]. Of the choices tried (none, geometric
+    # mean, max, min) this one kept Clarabel accurate on norms spread over 1e-6..1e6.)
+    norms = M.diagonal().clamp_min(0.0).sqrt()
+    unit = torch.where(norms > 0, norms, torch.ones_like(norms))
+    C = M / unit[:, None] / unit[None, :]
+    s = torch.where(norms > 0, norms / norms[norms > 0].min(), torch.ones_like(norms))
+    w, V = torch.linalg.eigh((C + C.T) / 2.0)
     pos = w > 0
     L = (V[:, pos] * w[pos].sqrt()).numpy()
-    x = cp.Variable(k)
-    problem = cp.Problem(cp.Minimize(cp.sum_squares(L.T @ x)), [x >= 0, cp.sum(x) == 1])
-    options = dict(_CLARABEL_DEFAULTS) if solver == "CLARABEL" else {}
-    options.update(solver_options)
+    b = cp.Variable(k)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(L.T @ b)), [b >= 0, (1.0 / s).numpy() @ b == 1])
+    tight = solver == "CLARABEL" and not solver_options
+    options = dict(_CLARABEL_DEFAULTS) if tight else dict(solver_options)
     try:
-        problem.solve(solver=solver, **options)
+        with warnings.catch_warnings():
+            if tight:  # an inaccurate first attempt is retried below, not reported
+                warnings.filterwarnings("ignore", message="Solution may be inaccurate")
+            problem.solve(solver=solver, **options)
+        if tight and problem.status == cp.OPTIMAL_INACCURATE:
+            # badly scaled problems cannot reach 1e-12: retry at Clarabel's own tolerances
+            problem.solve(solver=solver)
     except cp.error.SolverError as err:
         raise SolverError(f"cvxpy solver {solver} failed on the min-norm QP (k={k}): {err}") from err
-    if problem.status != cp.OPTIMAL or x.value is None:
+    if problem.status != cp.OPTIMAL or b.value is None:
         raise SolverError(
             f"cvxpy solver {solver} ended with status {problem.status!r} on the min-norm QP "
             f"(k={k}); refusing to use its answer"
         )
-    a = torch.as_tensor(x.value, dtype=torch.float64).clamp_min(0.0)
+    a = (torch.as_tensor(b.value, dtype=torch.float64) / s).clamp_min(0.0)
     a = (a / a.sum()).to(M_in.device)
     stats = problem.solver_stats
     iters = int(stats.num_iters) if stats is not None and stats.num_iters is not None else 0
