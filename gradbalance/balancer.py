@@ -284,7 +284,9 @@ class Balancer:
             self._check_reach(names, values, self._shared)
         agg = self._aggregate(TaskInputs(losses=losses, task_names=names, step=self.step_count))
         weights = agg.weights
-        grads = jacobian.weighted_gradients(values, weights, params)
+        # keep the graph when the heads need a second pass with their own weights
+        retain = agg.head_weights is not None and self._shared is not None
+        grads = jacobian.weighted_gradients(values, weights, params, retain_graph=retain)
         if agg.head_weights is not None and self._shared is not None:
             grads = self._reweight_heads(values, params, grads, agg.head_weights)
         self._check_finite(grads, names, scale)
@@ -318,7 +320,8 @@ class Balancer:
         )
         if agg.weights is None:
             raise ValueError(f"{type(self.method).__name__} returns a direction, which needs mode='exact'")
-        out = jacobian.weighted_gradients(values, agg.weights, params)
+        out = jacobian.weighted_gradients(values, agg.weights, params,
+                                          retain_graph=agg.head_weights is not None)
         if agg.head_weights is not None:
             out = self._reweight_heads(values, params, out, agg.head_weights)
         self._check_finite(out, names, scale)
