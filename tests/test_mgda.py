@@ -60,7 +60,7 @@ def test_normalisation_invariances(normalization):
     c = torch.tensor([1.0, 100.0, 0.01], dtype=D)[:, None]
     grad_scaled = m.aggregate(inputs_from(G * c, losses)).weights  # gradient rescaled, loss not
     task_scaled = m.aggregate(inputs_from(G * c, losses * c[:, 0])).weights  # task x c: both
-    close = lambda x, y: bool(torch.allclose(x, y, atol=1e-7, rtol=0))  # noqa: E731
+    close = lambda x, y: bool(torch.allclose(x, y, atol=1e-7, rtol=0))
     assert close(grad_scaled, base) == (normalization in ("l2", "loss+"))
     assert close(task_scaled, base) == (normalization in ("l2", "loss"))
 
