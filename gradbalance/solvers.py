@@ -302,8 +302,10 @@ def min_norm_frank_wolfe(
     M_np = M_in.cpu().numpy()
     M_np = (M_np + M_np.T) / 2.0
     a_np, it, status = _frank_wolfe_np(M_np, max_iter, float(tol), corrective)
-    a = torch.from_numpy(a_np).to(M_in.device)
-    return MinNormResult(a, a @ M_in @ a, fw_gap(M_in, a).clamp_min(0.0), it, status)
+    Ma = M_np @ a_np
+    f = float(a_np @ Ma)
+    stats = torch.tensor([f, max(f - float(Ma.min()), 0.0)], dtype=torch.float64, device=M_in.device)
+    return MinNormResult(torch.from_numpy(a_np).to(M_in.device), stats[0], stats[1], it, status)
 
 
 def min_norm_cvxpy(M: Tensor, solver: str = "CLARABEL", **solver_options) -> MinNormResult:
