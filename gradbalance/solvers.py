@@ -20,7 +20,7 @@ the weights on ``M``'s device. :func:`min_norm_closed_form` stays on the device 
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -308,7 +308,7 @@ def min_norm_frank_wolfe(
     return MinNormResult(torch.from_numpy(a_np).to(M_in.device), stats[0], stats[1], it, status)
 
 
-def min_norm_cvxpy(M: Tensor, solver: str = "CLARABEL", **solver_options) -> MinNormResult:
+def min_norm_cvxpy(M: Tensor, solver: str = "CLARABEL", **solver_options: Any) -> MinNormResult:
     """``min_{a in simplex} a^T M a`` through cvxpy, as a second-order-cone/QP problem.
 
     PSD-safe and scale-free formulation: with ``s_i = ||g_i||`` divided by the smallest non-zero
@@ -395,7 +395,8 @@ def min_norm(M: Tensor, solver: str = "auto", *, max_iter: int = 250, tol: float
         M: ``(k, k)`` Gram matrix ``G G^T``.
         solver: ``"auto"`` (closed form for k <= 2, Frank-Wolfe otherwise), ``"frank_wolfe"``,
             ``"cvxpy"`` (Clarabel) or ``"closed_form"`` (k <= 2 only).
-        max_iter, tol: Frank-Wolfe's iteration cap and gap tolerance (ignored by the others).
+        max_iter: Frank-Wolfe's iteration cap (ignored by the other solvers).
+        tol: Frank-Wolfe's relative duality-gap tolerance (ignored by the other solvers).
 
     Returns:
         :class:`MinNormResult`.
