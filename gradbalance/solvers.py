@@ -68,15 +68,23 @@ class MinNormResult(NamedTuple):
     status: str
 
 
-def _check_gram(M: Tensor) -> Tensor:
+# --------------------------------------------------------------------------- shared
+
+
+def _check_gram(M: Tensor, check_finite: bool = True) -> Tensor:
+    """Validate a ``(k, k)`` matrix and return it detached, in float64, on its device."""
     if not isinstance(M, Tensor):
         raise TypeError(f"M must be a torch.Tensor, got {type(M).__name__}")
     if M.ndim != 2 or M.shape[0] != M.shape[1] or M.shape[0] < 1:
         raise ValueError(f"M must be a square (k, k) matrix with k >= 1, got shape {tuple(M.shape)}")
     M = M.detach().to(torch.float64)
-    if not bool(torch.isfinite(M).all()):
+    if check_finite and not bool(torch.isfinite(M).all()):
         raise ValueError("M contains NaN or inf")
     return M
+
+
+# --------------------------------------------------------------------------- min-norm point (MGDA)
+# New QPs go below in their own section, with their own result type, reusing _check_gram.
 
 
 def fw_gap(M: Tensor, a: Tensor) -> Tensor:
@@ -135,7 +143,8 @@ def min_norm_closed_form(M: Tensor) -> MinNormResult:
 
     ``a = (gamma, 1 - gamma)`` with ``gamma = (v22 - v12) / (v11 + v22 - 2 v12)`` clipped to
     [0, 1], ``v_ij = g_i . g_j``. Identical gradients (zero denominator) get ``(1/2, 1/2)``.
-    Stays on ``M``'s device (no host sync). A ``(1, 1)`` matrix gives ``a = (1,)``.
+    Stays on ``M``'s device and never syncs with the host, so ``M`` is not checked for NaN/inf
+    (they propagate to the weights). A ``(1, 1)`` matrix gives ``a = (1,)``.
 
     Args:
         M: ``(2, 2)`` (or ``(1, 1)``) Gram matrix.
@@ -144,13 +153,13 @@ def min_norm_closed_form(M: Tensor) -> MinNormResult:
         :class:`MinNormResult` with ``iterations = 0`` and ``status = "optimal"``.
 
     Raises:
-        ValueError: ``M`` is not 2 x 2 (or 1 x 1), or contains NaN/inf.
+        ValueError: ``M`` is not 2 x 2 (or 1 x 1).
 
     References:
         Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018,
         Algorithm 1.
     """
-    M = _check_gram(M)
+    M = _check_gram(M, check_finite=False)
     k = M.shape[0]
     if k > 2:
         raise ValueError(f"the closed form solves k <= 2 tasks, got k = {k}; use frank_wolfe or cvxpy")
@@ -283,6 +292,7 @@ def min_norm_frank_wolfe(
         :class:`MinNormResult` (weights on ``M``'s device).
 
     Raises:
+        TypeError: ``M`` is not a tensor.
         ValueError: bad ``M`` (not square, NaN/inf), ``max_iter < 0`` or ``tol <= 0``.
 
     References:
@@ -334,7 +344,7 @@ def min_norm_cvxpy(M: Tensor, solver: str = "CLARABEL", **solver_options: Any) -
     Raises:
         SolverError: the solver is not installed, fails, or ends with any status other than
             ``optimal`` (``optimal_inaccurate`` included). Never returns a stale answer.
-        ValueError: bad ``M``.
+        TypeError, ValueError: ``M`` is not a tensor, not square or not finite.
 
     References:
         Sener & Koltun, NeurIPS 2018, eq. (3); Diamond & Boyd, "CVXPY", JMLR 2016; Goulart &
@@ -402,13 +412,15 @@ def min_norm(M: Tensor, solver: str = "auto", *, max_iter: int = 250, tol: float
         :class:`MinNormResult`.
 
     Raises:
-        ValueError: unknown solver, or ``"closed_form"`` with k > 2.
+        TypeError: ``M`` is not a tensor.
+        ValueError: unknown solver, ``M`` not square (or, for the iterative solvers,
+            containing NaN/inf), or ``"closed_form"`` with k > 2.
         SolverError: the cvxpy solver failed.
     """
     if solver not in MIN_NORM_SOLVERS:
         raise ValueError(f"solver must be one of {MIN_NORM_SOLVERS}, got {solver!r}")
     if solver == "auto":
-        solver = "closed_form" if M.shape[0] <= 2 else "frank_wolfe"
+        solver = "closed_form" if _check_gram(M, check_finite=False).shape[0] <= 2 else "frank_wolfe"
     if solver == "closed_form":
         return min_norm_closed_form(M)
     if solver == "cvxpy":
