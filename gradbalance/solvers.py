@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from scipy.linalg.lapack import dtrtrs
 from torch import Tensor
 
 __all__ = [
@@ -171,63 +172,92 @@ def min_norm_closed_form(M: Tensor) -> MinNormResult:
     return MinNormResult(a, a @ M @ a, fw_gap(M, a), 0, "optimal")
 
 
-def _affine_min(Ms: np.ndarray) -> np.ndarray | None:
-    """Weights (summing to 1) of the min-norm point of the affine hull of the active vertices."""
-    n = Ms.shape[0]
-    K = np.ones((n + 1, n + 1))
-    K[:n, :n] = Ms
-    K[n, n] = 0.0
-    rhs = np.zeros(n + 1)
-    rhs[n] = 1.0
-    try:
-        sol = np.linalg.solve(K, rhs)
-    except np.linalg.LinAlgError:
-        sol = None
-    if sol is None or not np.isfinite(sol).all():
-        sol = np.linalg.lstsq(K, rhs, rcond=None)[0]  # numerically dependent vertices
-    y = sol[:n]
-    return y if np.isfinite(y).all() else None
+class _Corral:
+    """Active vertices ``S`` with weights ``lam`` and the Cholesky factor of ``M_SS + c 1 1^T``.
+
+    Minimising ``y^T M_SS y`` over ``sum(y) = 1`` equals minimising ``y^T (M_SS + c 1 1^T) y``
+    there (the added term is the constant ``c``), so the affine minimiser is
+    ``y = A^{-1} 1 / (1^T A^{-1} 1)`` with ``A = M_SS + c 1 1^T``, which is positive definite
+    exactly when the active gradients are affinely independent (Wolfe's corral). Adding a vertex
+    extends the factor in O(n^2); dropping one (rare) refactors.
+    """
+
+    def __init__(self, M: np.ndarray, S: np.ndarray, lam: np.ndarray, c: float) -> None:
+        self.M, self.c, self.S, self.lam = M, c, S, lam
+        self.L = np.linalg.cholesky(M[np.ix_(S, S)] + c)  # raises LinAlgError if dependent
+
+    def add(self, t: int) -> bool:
+        col = self.M[self.S, t] + self.c
+        ell = dtrtrs(self.L, col, lower=1)[0]
+        d2 = self.M[t, t] + self.c - ell @ ell
+        if not d2 > 1e-12 * (self.M[t, t] + self.c):
+            return False  # t is (numerically) in the affine hull of the corral
+        n = self.S.size
+        L = np.zeros((n + 1, n + 1))
+        L[:n, :n] = self.L
+        L[n, :n] = ell
+        L[n, n] = np.sqrt(d2)
+        self.L, self.S, self.lam = L, np.append(self.S, t), np.append(self.lam, 0.0)
+        return True
+
+    def affine_min(self) -> np.ndarray:
+        ones = np.ones(self.S.size)
+        x = dtrtrs(self.L, dtrtrs(self.L, ones, lower=1)[0], lower=1, trans=1)[0]
+        return x / x.sum()
+
+    def keep(self, mask: np.ndarray) -> None:
+        self.S, self.lam = self.S[mask], self.lam[mask]
+        self.L = np.linalg.cholesky(self.M[np.ix_(self.S, self.S)] + self.c)
 
 
-def _corrective_step(M: np.ndarray, a: np.ndarray, t: int) -> np.ndarray | None:
-    """Add vertex ``t`` to the active set and run Wolfe's minor cycle; None on numerical failure."""
-    S = np.flatnonzero(a > 0)
-    if (S == t).any():
-        return None  # t already active: the affine minimiser is sub-optimal only by rounding
-    S = np.append(S, t)
-    lam = np.append(a[S[:-1]], 0.0)
-    for _ in range(S.size + 1):
-        y = _affine_min(M[np.ix_(S, S)])
-        if y is None:
-            return None
+def _corrective_step(corral: _Corral, t: int) -> bool:
+    """Add vertex ``t`` and run Wolfe's minor cycle on ``corral``; False on numerical failure."""
+    if (corral.S == t).any() or not corral.add(t):
+        return False  # no descent left but rounding: the caller stops
+    for _ in range(corral.S.size + 1):
+        y = corral.affine_min()
+        if not np.isfinite(y).all():
+            return False
         if (y > 0).all():
-            lam = y
-            break
+            corral.lam = y
+            return True
         neg = y <= 0
+        lam = corral.lam
         if neg[-1] and lam[-1] == 0.0:
-            return None  # the new vertex does not enter: no descent direction (rounding)
+            return False  # the new vertex does not enter: no descent direction (rounding)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(neg, lam / (lam - y), 2.0)
         r = int(np.argmin(ratio))
         lam = lam + ratio[r] * (y - lam)
         lam[r] = 0.0
-        keep = lam > 0
-        S, lam = S[keep], lam[keep]
-        if S.size == 0:
-            return None
-    out = np.zeros_like(a)
-    out[S] = np.maximum(lam, 0.0)
-    return out / out.sum()
+        corral.lam = lam
+        try:
+            corral.keep(lam > 0)
+        except np.linalg.LinAlgError:
+            return False
+        if corral.S.size == 0:
+            return False
+    return False
 
 
 def _frank_wolfe_np(M: np.ndarray, max_iter: int, tol: float, corrective: bool):
     """The Frank-Wolfe loop on a NumPy float64 matrix: returns ``(a, iterations, status)``."""
     k = M.shape[0]
-    floor = _GAP_FLOOR * k * max(float(M.diagonal().max()), 0.0)
+    scale = max(float(M.diagonal().max()), 0.0)
+    floor = _GAP_FLOOR * k * scale
     i, j, gamma = _best_pair_np(M)
     a = np.zeros(k)
     a[i] += gamma
     a[j] += 1.0 - gamma
+    corral = None
+    if corrective:
+        S = np.flatnonzero(a > 0)
+        try:
+            corral = _Corral(M, S, a[S], scale)
+        except np.linalg.LinAlgError:  # the best pair is two identical gradients: keep one
+            a[:] = 0.0
+            a[i] = 1.0
+            corral = _Corral(M, np.array([i]), np.ones(1), scale)
     Ma = M @ a
     f = float(a @ Ma)
     it = 0
@@ -238,7 +268,7 @@ def _frank_wolfe_np(M: np.ndarray, max_iter: int, tol: float, corrective: bool):
         if it >= max_iter:
             return a, it, "max_iter"
         it += 1
-        if not corrective:
+        if corral is None:
             den = f + M[t, t] - 2.0 * Ma[t]  # ||d - g_t||^2 > 0 here since the gap is > 0
             g = min(max((M[t, t] - Ma[t]) / den, 0.0), 1.0) if den > 0 else 0.5
             a *= g
@@ -246,9 +276,11 @@ def _frank_wolfe_np(M: np.ndarray, max_iter: int, tol: float, corrective: bool):
             Ma = g * Ma + (1.0 - g) * M[:, t]
             f = float(a @ Ma)
             continue
-        new = _corrective_step(M, a, t)
-        if new is None:
+        if not _corrective_step(corral, t):
             return a, it, "stalled"
+        new = np.zeros(k)
+        new[corral.S] = np.maximum(corral.lam, 0.0)
+        new /= new.sum()
         new_Ma = M @ new
         new_f = float(new @ new_Ma)
         if new_f >= f:  # no progress: rounding; keep the better iterate
