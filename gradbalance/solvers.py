@@ -251,13 +251,13 @@ def _frank_wolfe_np(M: np.ndarray, max_iter: int, tol: float, corrective: bool):
     a[j] += 1.0 - gamma
     corral = None
     if corrective:
-        S = np.flatnonzero(a > 0)
+        S, c = np.flatnonzero(a > 0), scale if scale > 0 else 1.0
         try:
-            corral = _Corral(M, S, a[S], scale)
+            corral = _Corral(M, S, a[S], c)
         except np.linalg.LinAlgError:  # the best pair is two identical gradients: keep one
             a[:] = 0.0
             a[i] = 1.0
-            corral = _Corral(M, np.array([i]), np.ones(1), scale)
+            corral = _Corral(M, np.array([i]), np.ones(1), c)
     Ma = M @ a
     f = float(a @ Ma)
     it = 0
