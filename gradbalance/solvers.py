@@ -303,8 +303,11 @@ def min_norm_frank_wolfe(
       step (Wolfe's min-norm-point minor cycle): ``a`` is re-optimised over the affine hull of
       its active vertices, stepping back to the simplex boundary and dropping vertices while
       that minimiser leaves it. This reaches the exact optimum in finitely many iterations
-      (about one per active task), so the weights match a QP solver's to rounding instead of
-      to the O(1/t) accuracy of plain Frank-Wolfe.
+      (about one per active task, so ``max_iter`` should exceed k when k > 250), and the
+      weights match a QP solver's to rounding instead of to the O(1/t) accuracy of plain
+      Frank-Wolfe. The affine minimiser comes from a Cholesky factor of the active block of
+      ``M`` (plus a constant), extended in O(n^2) per added task and refactored when tasks
+      leave.
 
     Stopping rule: the duality gap ``a^T M a - min_i (M a)_i`` (which bounds the error of
     ``d``: ``||d - d*||^2 <= 2 gap``) is at most ``tol * a^T M a + 1e-13 * k * max_i M_ii``
