@@ -263,3 +263,27 @@ def test_dispatcher_auto_and_float32_input():
     torch.testing.assert_close(auto.weights, min_norm_closed_form(M).weights)
     one = min_norm(torch.ones(1, 1, dtype=D))
     torch.testing.assert_close(one.weights, torch.ones(1, dtype=D))
+
+
+def test_frank_wolfe_kkt_on_many_small_random_and_degenerate_problems():
+    """Fuzz: scaled, duplicated, opposite and integer (tied) gradients; KKT always holds."""
+    gen = torch.Generator().manual_seed(0)
+    statuses = []
+    for n in range(300):
+        k = int(torch.randint(2, 25, (1,), generator=gen))
+        p = int(torch.randint(1, 30, (1,), generator=gen))
+        G = torch.randn(k, p, dtype=D, generator=gen)
+        kind = n % 5
+        if kind == 1:
+            G = G * torch.exp(3 * torch.randn(k, 1, dtype=D, generator=gen))
+        elif kind == 2:
+            G[torch.randint(0, k, (k // 2,), generator=gen)] = G[0].clone()
+        elif kind == 3:
+            G = torch.cat([G[: k // 2], -G[: k - k // 2]])
+        elif kind == 4:
+            G = torch.round(G)
+        r = min_norm_frank_wolfe(G @ G.T)
+        statuses.append(r.status)
+        assert bool(torch.isfinite(r.weights).all())
+        assert_kkt(G, r.weights)
+    assert statuses.count("optimal") >= 0.99 * len(statuses)
