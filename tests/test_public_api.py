@@ -33,6 +33,7 @@ PAGE_ALIASES = {
     "sum": "mean",
     "uncertainty": "uw",
     "aligned_mtl_ub": "aligned_mtl",
+    "mgda_ub": "mgda",
 }
 
 _DIRECTIVE = re.compile(r"^:::\s*(?P<path>[\w.]+)\s*$")

@@ -23,6 +23,7 @@ from gradbalance.methods.gradvac import GradVac
 from gradbalance.methods.imtl import IMTLG
 from gradbalance.methods.imtl_hybrid import IMTL
 from gradbalance.methods.linear import Mean, Sum
+from gradbalance.methods.mgda import MGDA
 from gradbalance.methods.nash_mtl import NashMTL
 from gradbalance.methods.pcgrad import PCGrad
 from gradbalance.methods.rlw import RLW
@@ -51,6 +52,7 @@ __all__ = [
     "GradVac",
     "IMTL",
     "IMTLG",
+    "MGDA",
     "Mean",
     "NashMTL",
     "PCGrad",
