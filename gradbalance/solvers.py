@@ -368,9 +368,10 @@ def min_norm_cvxpy(M: Tensor, solver: str = "CLARABEL", **solver_options: Any) -
         solver: the cvxpy solver, named explicitly (default ``"CLARABEL"``, installed with
             cvxpy; ``"SCS"``, ``"OSQP"`` ... also work).
         **solver_options: passed to ``problem.solve``. Without options, Clarabel runs with
-            gap and feasibility tolerances of 1e-12 (its own are 1e-8); if it cannot reach them (status ``optimal_inaccurate``, seen on
-            gradients scaled 1e-6 vs 1e6) it is re-run once at its own default tolerances, and
-            that answer is accepted only with status ``optimal``.
+            gap and feasibility tolerances of 1e-12 (its own are 1e-8); if it cannot reach
+            them (status ``optimal_inaccurate``, seen on gradients scaled 1e-6 vs 1e6) it is
+            re-run once at its own default tolerances, and that answer is accepted only with
+            status ``optimal``.
 
     Returns:
         :class:`MinNormResult` with the solver's iteration count (0 if it reports none) and

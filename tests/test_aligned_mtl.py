@@ -91,7 +91,8 @@ def test_bad_hyperparameters(kwargs, err):
 
 
 def test_registry_names():
-    assert repr(gb.methods.base.make_method("aligned_mtl")) == "AlignedMTL(scale='min', mode='exact', scale_heads=False)"
+    expected = "AlignedMTL(scale='min', mode='exact', scale_heads=False)"
+    assert repr(gb.methods.base.make_method("aligned_mtl")) == expected
     assert gb.methods.base.make_method("aligned_mtl_ub").mode == "representation"
 
 

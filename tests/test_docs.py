@@ -122,7 +122,9 @@ def test_skips_are_justified_and_listed():
         if b.skip is not None
     }
     for key, reason in found.items():
-        assert _SKIP_REASON.search(reason), f"{key}: a block may only be skipped if it needs a GPU or several processes, got {reason!r}"
+        assert _SKIP_REASON.search(reason), (
+            f"{key}: a block may only be skipped if it needs a GPU or several processes, got {reason!r}"
+        )
     assert set(found) == SKIPPED, (
         "skipped blocks and SKIPPED differ: list every skipped block in tests/test_docs.py "
         f"(unlisted: {set(found) - SKIPPED}, listed but not skipped: {SKIPPED - set(found)})"

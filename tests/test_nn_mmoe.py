@@ -62,7 +62,7 @@ def test_one_expert_reduces_to_hard_sharing():
     for t in ("a", "b"):
         assert torch.equal(out_m[t], out_h[t])
     # and the same gradients on the shared expert / trunk; the single gate learns nothing
-    for model, out in ((mmoe, out_m), (hard, out_h)):
+    for out in (out_m, out_h):
         sum((o.sum(-1) - y).pow(2).mean() for o in out.values()).backward()
     for p, q in zip(mmoe.experts[0].parameters(), hard.trunk.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)

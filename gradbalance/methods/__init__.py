@@ -1,5 +1,6 @@
 """Balancing methods, one per module. ``gradbalance.available_methods()`` lists the names."""
 
+from gradbalance.methods.aligned_mtl import AlignedMTL
 from gradbalance.methods.base import (
     Aggregation,
     Method,
@@ -8,7 +9,6 @@ from gradbalance.methods.base import (
     make_method,
     register,
 )
-from gradbalance.methods.aligned_mtl import AlignedMTL
 from gradbalance.methods.cagrad import CAGrad
 from gradbalance.methods.config import ConFIG
 from gradbalance.methods.db_mtl import DBMTL

@@ -24,6 +24,7 @@ from torch import Tensor
 __all__ = [
     "Aggregation",
     "Method",
+    "SeededMethod",
     "TaskInputs",
     "available_methods",
     "make_method",
@@ -249,3 +250,36 @@ def generator_from_state(state: Tensor) -> torch.Generator:
     gen = torch.Generator()
     gen.set_state(state)
     return gen
+
+
+class SeededMethod(Method):
+    """Base of methods whose only state is one seeded random generator (PCGrad, RLW, GradDrop).
+
+    The generator lives on the CPU as a state tensor; :meth:`draw` hands out a copy positioned
+    at the committed state, and the advanced copy's state is returned as ``pending`` so that the
+    generator moves only when the optimizer steps: every micro-batch of an accumulation window
+    draws the same numbers, and the same seed gives the same run.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        self.seed = seed
+        self._generator = torch.Generator().manual_seed(seed).get_state()
+
+    def draw(self) -> torch.Generator:
+        """A generator at the committed state (return ``gen.get_state()`` as ``pending``)."""
+        return generator_from_state(self._generator)
+
+    def commit(self, pending: Tensor) -> None:
+        self._generator = pending
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self._generator.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"generator"}:
+            raise ValueError(
+                f"{type(self).__name__} state must have the key 'generator', got {sorted(state)}"
+            )
+        self._generator = state["generator"].clone()

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from gradbalance.methods.base import Aggregation, Method, TaskInputs, generator_from_state, register
+from gradbalance.methods.base import Aggregation, SeededMethod, TaskInputs, register
 
 __all__ = ["GradDrop"]
 
@@ -15,7 +15,7 @@ __all__ = ["GradDrop"]
 @register(
     "graddrop", "GradDrop (Chen et al. 2020): keep one gradient sign per coordinate at random"
 )
-class GradDrop(Method):
+class GradDrop(SeededMethod):
     """Gradient Sign Dropout (GradDrop): per coordinate, keep only the positive or negative parts.
 
     For every coordinate ``p`` of the shared parameters, the positive sign purity is
@@ -69,13 +69,10 @@ class GradDrop(Method):
             raise ValueError(
                 f"leak must be a number in [0, 1] or a non-empty sequence of them, got {leak!r}"
             )
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         self.leak = (
             float(leak) if isinstance(leak, (int, float)) else tuple(float(v) for v in values)
         )
-        self.seed = seed
-        self._generator = torch.Generator().manual_seed(seed).get_state()
+        super().__init__(seed)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"leak": self.leak, "seed": self.seed}
@@ -98,7 +95,7 @@ class GradDrop(Method):
             raise ValueError(f"leak has {len(self.leak)} entries but got {k} losses")
         leak = torch.as_tensor(self.leak, dtype=grads.dtype, device=grads.device).expand(k)
         prob = self.purity(grads)
-        gen = generator_from_state(self._generator)
+        gen = self.draw()
         u = torch.rand(prob.shape, generator=gen, dtype=grads.dtype).to(grads.device)
         keep = ((u < prob) & (grads > 0)) | ((u > prob) & (grads < 0))
         mask = leak[:, None] + (1 - leak[:, None]) * keep.to(grads.dtype)
@@ -110,13 +107,3 @@ class GradDrop(Method):
             pending=gen.get_state(),
         )
 
-    def commit(self, pending: torch.Tensor) -> None:
-        self._generator = pending
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self._generator.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"generator"}:
-            raise ValueError(f"GradDrop state must have the key 'generator', got {sorted(state)}")
-        self._generator = state["generator"].clone()

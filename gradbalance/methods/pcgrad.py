@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from gradbalance.methods.base import Aggregation, Method, TaskInputs, generator_from_state, register
+from gradbalance.methods.base import Aggregation, SeededMethod, TaskInputs, register
 
 __all__ = ["PCGrad"]
 
@@ -14,7 +14,7 @@ REDUCTIONS = ("sum", "mean")
 
 
 @register("pcgrad", "PCGrad (Yu et al. 2020): project conflicting gradients, random order per task")
-class PCGrad(Method):
+class PCGrad(SeededMethod):
     """Projecting Conflicting Gradients (PCGrad), "gradient surgery".
 
     For each task ``i``, and for every other task ``j`` in a fresh random order, if
@@ -63,11 +63,8 @@ class PCGrad(Method):
     def __init__(self, reduction: str = "sum", seed: int = 0) -> None:
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         self.reduction = reduction
-        self.seed = seed
-        self._generator = torch.Generator().manual_seed(seed).get_state()
+        super().__init__(seed)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"reduction": self.reduction, "seed": self.seed}
@@ -99,7 +96,7 @@ class PCGrad(Method):
             raise ValueError(
                 f"PCGrad needs at least 2 task losses, got {k}: pass one loss per task, not their sum"
             )
-        gen = generator_from_state(self._generator)
+        gen = self.draw()
         gram = inputs.gram.detach().to("cpu", torch.float64)
         coef, count = self.project(gram, self.orders(k, gen))
         scale = 1.0 if self.reduction == "sum" else 1.0 / k
@@ -112,13 +109,3 @@ class PCGrad(Method):
             pending=gen.get_state(),
         )
 
-    def commit(self, pending: torch.Tensor) -> None:
-        self._generator = pending
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self._generator.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"generator"}:
-            raise ValueError(f"PCGrad state must have the key 'generator', got {sorted(state)}")
-        self._generator = state["generator"].clone()

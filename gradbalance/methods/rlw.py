@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from gradbalance.methods.base import Aggregation, Method, TaskInputs, generator_from_state, register
+from gradbalance.methods.base import Aggregation, SeededMethod, TaskInputs, register
 
 __all__ = ["RLW"]
 
@@ -15,7 +15,7 @@ SCALES = ("sum_to_one", "sum_to_k")
 
 
 @register("rlw", "Random Loss Weighting (Lin et al. 2022): softmax of random normal draws per step")
-class RLW(Method):
+class RLW(SeededMethod):
     """Random Loss Weighting (RLW): fresh random task weights at every step.
 
     ``lambda = softmax(z)``, ``z ~ N(0, I_k)`` (or ``U(0, 1)^k``) drawn at each optimizer step
@@ -55,33 +55,21 @@ class RLW(Method):
     requires = "losses"
 
     def __init__(self, seed: int = 0, distribution: str = "normal", scale: str = "sum_to_one") -> None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
         if scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-        self.seed, self.distribution, self.scale = seed, distribution, scale
-        self._generator = torch.Generator().manual_seed(seed).get_state()
+        super().__init__(seed)
+        self.distribution, self.scale = distribution, scale
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"seed": self.seed, "distribution": self.distribution, "scale": self.scale}
 
     def aggregate(self, inputs: TaskInputs) -> Aggregation:
         k = inputs.num_tasks
-        gen = generator_from_state(self._generator)
+        gen = self.draw()
         draw = torch.randn if self.distribution == "normal" else torch.rand
         z = draw(k, generator=gen, dtype=torch.float64)
         weights = torch.softmax(z, dim=0) * (k if self.scale == "sum_to_k" else 1)
         return Aggregation(weights=weights.to(inputs.losses.device), pending=gen.get_state())
 
-    def commit(self, pending: torch.Tensor) -> None:
-        self._generator = pending
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self._generator.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"generator"}:
-            raise ValueError(f"RLW state must have the key 'generator', got {sorted(state)}")
-        self._generator = state["generator"].clone()
