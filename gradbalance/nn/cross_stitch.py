@@ -59,7 +59,9 @@ class CrossStitchUnit(nn.Module):
                     f"got {tuple(x.shape[1:])}"
                 )
             flat = x.reshape(x.shape[0], x.shape[1], self.channels, -1)
-            y = torch.einsum("cij,jncr->incr", a, flat).reshape(x.shape)
+            # contiguous: the einsum result is strided channel-major, and downstream layers fed a
+            # strided input take other kernels (different rounding from the same numbers)
+            y = torch.einsum("cij,jncr->incr", a, flat).contiguous().reshape(x.shape)
         return list(y.unbind(0))
 
     def extra_repr(self) -> str:
