@@ -81,7 +81,12 @@ def test_epoch_end_without_steps_warns():
     m = DWA()
     with pytest.warns(RuntimeWarning, match="no step"):
         m.epoch_end()
-    assert m.state_dict()["averages"] == 0
+    assert m.state_dict()["averages"].numel() == 0
+    run(m, [1.0, 2.0])
+    m.epoch_end()
+    with pytest.warns(RuntimeWarning, match="no step"):
+        m.epoch_end()
+    assert m.state_dict()["averages"].tolist() == [1, 1]
 
 
 def test_errors():
@@ -113,3 +118,50 @@ def test_resume_is_bit_identical_epoch_window():
 
 def test_resume_is_bit_identical_step_window():
     assert_resume_bit_identical(lambda: DWA(window="step"), k=3)
+
+
+def run_named(m: DWA, losses: dict) -> torch.Tensor:
+    agg = m.aggregate(TaskInputs(losses=torch.tensor(list(losses.values()), dtype=D), task_names=tuple(losses)))
+    m.commit(agg.pending)
+    return agg.weights
+
+
+def test_missing_tasks_keep_their_state():
+    """Per-task history keyed by name: an absent task's averages wait for it; a new task weighs 1."""
+    m = DWA(window="step")
+    run_named(m, {"depth": 4.0, "seg": 1.0})
+    run_named(m, {"depth": 2.0, "seg": 2.0})
+    frozen = m.state_dict()
+    # seg has no labels: depth alone is weighted (one task: softmax gives 1)
+    assert run_named(m, {"depth": 1.0}).tolist() == [1.0]
+    state = m.state_dict()
+    assert state["averages"].tolist() == [3, 2]
+    assert torch.equal(state["history"][:, 1], frozen["history"][:, 1])
+    # seg returns with its own last two averages (1 -> 2), depth with (2 -> 1); a new task gets 1
+    w = run_named(m, {"seg": 3.0, "normal": 5.0, "depth": 3.0})
+    expected = softmax_k([2.0 / 1.0, 1.0 / 2.0], 2.0)
+    torch.testing.assert_close(w, torch.tensor([expected[0], 1.0, expected[1]], dtype=D), atol=1e-14, rtol=0)
+    assert float(w.sum()) == pytest.approx(3.0)
+    assert m.tasks == ("depth", "seg", "normal")
+
+
+def test_missing_tasks_through_the_optimizer_epoch_window():
+    """End to end: a dict with None skips a task; epoch averages are over the steps a task was present."""
+    torch.manual_seed(0)
+    trunk, heads = torch.nn.Linear(3, 4), torch.nn.ModuleList(torch.nn.Linear(4, 1) for _ in range(2))
+    opt = gb.GradBalance(torch.optim.SGD([*trunk.parameters(), *heads.parameters()], lr=0.01),
+                         method=DWA(), shared_params=trunk)
+    x = torch.randn(8, 3)
+    for _epoch in range(3):
+        for step in range(2):
+            opt.zero_grad()
+            z = trunk(x)
+            losses = {"a": heads[0](z).pow(2).mean() + 1, "b": heads[1](z).pow(2).mean() + 1}
+            if step == 1:
+                losses["b"] = None
+            opt.backward(losses)
+            opt.step()
+        opt.method.epoch_end()
+    state = opt.method.state_dict()
+    assert state["averages"].tolist() == [3, 3]
+    assert state["count"].tolist() == [0, 0]

@@ -6,7 +6,6 @@ import warnings
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_num_tasks, register
 
@@ -32,7 +31,12 @@ class DWA(Method):
     Task-specific parameters: head ``i`` gets ``lambda_i`` times its task's gradient (the
     gradient of ``sum_i lambda_i L_i``, as in the paper).
 
-    State: the running sum and count of the current epoch's losses, and the last two averages.
+    State, per task name: the running sum and count of the current epoch's losses, and the last
+    two averages. Tasks missing from a step (``None`` in a dict of losses) keep their state; the
+    tasks present with two averages share ``n`` of the weight by the softmax above (``n`` their
+    number), and a present task without two averages yet (new, or seen in only one epoch)
+    gets 1, so the weights of the present tasks still sum to their number.
+
     Only committed steps count (a skipped ``GradScaler`` step or an accumulation re-run adds
     nothing); with accumulation a step's loss is the window's summed loss.
 
@@ -69,55 +73,81 @@ class DWA(Method):
     def hyperparameters(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "window": self.window}
 
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The task names the state is kept for, in first-seen order."""
+        return tuple(self._tasks)
+
     def aggregate(self, inputs: TaskInputs) -> Aggregation:
         k = inputs.num_tasks
-        if self._sum.numel():
-            check_num_tasks(self._sum.numel(), k, "DWA")
+        if not inputs.task_names and self._tasks:  # unnamed tasks are positional
+            check_num_tasks(len(self._tasks), k, "DWA")
+        names = list(inputs.task_names) or [f"task{i}" for i in range(k)]
         losses = inputs.losses.detach().double()
-        if self._averages < 2:
-            weights = torch.ones_like(losses)
-        else:
-            prev, older = self._history[1].to(losses.device), self._history[0].to(losses.device)
+        known = [self._tasks.index(n) if n in self._tasks else -1 for n in names]
+        ready = torch.tensor([i >= 0 and int(self._averages[i]) >= 2 for i in known], dtype=torch.bool)
+        weights = torch.ones(k, dtype=torch.float64)
+        if bool(ready.any()):
+            rows = torch.tensor([i for i in known if i >= 0 and int(self._averages[i]) >= 2])
+            prev, older = self._history[1, rows], self._history[0, rows]
             if bool((older <= 0).any()):
                 raise ValueError(f"DWA needs positive average losses, got {older.tolist()}")
-            weights = k * torch.softmax(prev / older / self.temperature, dim=0)
-        return Aggregation(weights=weights, extras={"averages": self._averages},
-                           pending=losses.cpu())
+            weights[ready] = len(rows) * torch.softmax(prev / older / self.temperature, dim=0)
+        return Aggregation(weights=weights.to(losses.device),
+                           extras={"averages": int(self._averages.min()) if len(self._tasks) else 0},
+                           pending={"tasks": names, "losses": losses.cpu()})
 
-    def commit(self, pending: Tensor) -> None:
-        if self._sum.numel() == 0:
-            k = pending.numel()
-            self._sum, self._history = torch.zeros(k, dtype=torch.float64), torch.zeros(2, k, dtype=torch.float64)
-        self._sum = self._sum + pending
-        self._count += 1
+    def commit(self, pending: dict[str, Any]) -> None:
+        new = [n for n in pending["tasks"] if n not in self._tasks]
+        if new:
+            grow = len(new)
+            self._tasks = self._tasks + new
+            self._sum = torch.cat([self._sum, torch.zeros(grow, dtype=torch.float64)])
+            self._count = torch.cat([self._count, torch.zeros(grow, dtype=torch.int64)])
+            self._history = torch.cat([self._history, torch.zeros(2, grow, dtype=torch.float64)], dim=1)
+            self._averages = torch.cat([self._averages, torch.zeros(grow, dtype=torch.int64)])
+        index = torch.tensor([self._tasks.index(n) for n in pending["tasks"]])
+        self._sum[index] += pending["losses"]
+        self._count[index] += 1
         if self.window == "step":
             self.epoch_end()
 
     def epoch_end(self) -> None:
-        """Close the current epoch: its mean loss becomes the latest average (window="epoch").
+        """Close the current epoch: each task's mean loss over the steps it was present in
+        becomes its latest average (window="epoch"). A task absent for the whole epoch keeps
+        its averages.
 
         Warns and does nothing when no step was committed since the last call.
         """
-        if self._count == 0:
+        seen = self._count > 0
+        if not bool(seen.any()):
             warnings.warn("DWA.epoch_end(): no step was committed in this epoch; ignored",
                           RuntimeWarning, stacklevel=2)
             return
-        self._history = torch.stack([self._history[1], self._sum / self._count])
-        self._averages += 1
-        self._sum, self._count = torch.zeros_like(self._sum), 0
+        self._history[0, seen] = self._history[1, seen]
+        self._history[1, seen] = self._sum[seen] / self._count[seen]
+        self._averages[seen] += 1
+        self._sum.zero_()
+        self._count.zero_()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sum": self._sum.clone(), "count": self._count, "history": self._history.clone(),
-                "averages": self._averages}
+        return {"tasks": list(self._tasks), "sum": self._sum.clone(), "count": self._count.clone(),
+                "history": self._history.clone(), "averages": self._averages.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:  # a fresh method
+            self._tasks: list[str] = []
             self._sum, self._history = torch.zeros(0, dtype=torch.float64), torch.zeros(2, 0, dtype=torch.float64)
-            self._count = self._averages = 0
+            self._count = torch.zeros(0, dtype=torch.int64)
+            self._averages = torch.zeros(0, dtype=torch.int64)
             return
-        if set(state) != {"sum", "count", "history", "averages"}:
-            raise ValueError(f"DWA state needs keys sum, count, history, averages; got {sorted(state)}")
-        if state["history"].shape != (2, state["sum"].numel()):
-            raise ValueError("DWA state: history must have shape (2, k) with k = len(sum)")
+        keys = {"tasks", "sum", "count", "history", "averages"}
+        if set(state) != keys:
+            raise ValueError(f"DWA state needs keys {sorted(keys)}; got {sorted(state)}")
+        n = len(state["tasks"])
+        if (state["sum"].shape, state["count"].shape, state["averages"].shape) != ((n,),) * 3 \
+                or state["history"].shape != (2, n):
+            raise ValueError("DWA state: sum, count, averages must have one entry per task and history shape (2, k)")
+        self._tasks = list(state["tasks"])
         self._sum, self._history = state["sum"].double().clone(), state["history"].double().clone()
-        self._count, self._averages = int(state["count"]), int(state["averages"])
+        self._count, self._averages = state["count"].long().clone(), state["averages"].long().clone()
