@@ -33,7 +33,8 @@ def test_weight_gradient_matches_autograd_on_the_paper_formulation():
     m = GradNorm(alpha=1.5)
     w0, l0 = torch.tensor([0.7, 1.5, 0.8], dtype=D), L * torch.tensor([1.3, 2.0, 1.1], dtype=D)
     state = m.state_dict()
-    state.update(w=w0, l0=l0, m=torch.zeros(3, dtype=D), v=torch.zeros(3, dtype=D))
+    state.update(tasks=["task0", "task1", "task2"], w=w0, l0=l0, m=torch.zeros(3, dtype=D),
+                 v=torch.zeros(3, dtype=D), t=torch.zeros(3, dtype=torch.int64))
     m.load_state_dict(state)
     agg = m.aggregate(TaskInputs(losses=L, gram=gW @ gW.T))
 
@@ -168,3 +169,32 @@ def test_end_to_end_weights_move_and_are_applied_to_shared_and_heads():
     (torch.stack(losses) * w.float()).sum().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(got[n], p.grad, atol=1e-6, rtol=1e-6)
+
+
+def test_missing_tasks_keep_their_state():
+    """Tasks keyed by name: an absent task's weight and moments wait; present ones keep their share."""
+    m = GradNorm(lr=0.1)
+
+    def step(losses: dict, norms: dict):
+        x = TaskInputs(losses=torch.tensor(list(losses.values()), dtype=D), task_names=tuple(losses),
+                       gram=torch.diag(torch.tensor(list(norms.values()), dtype=D) ** 2))
+        agg = m.aggregate(x)
+        m.commit(agg.pending)
+        return agg
+
+    step({"depth": 2.0, "seg": 1.0, "normal": 1.0}, {"depth": 1.0, "seg": 3.0, "normal": 1.0})
+    step({"depth": 2.0, "seg": 1.0, "normal": 1.0}, {"depth": 1.0, "seg": 3.0, "normal": 1.0})
+    frozen = m.state_dict()
+    assert float(frozen["w"].sum()) == pytest.approx(3.0, abs=1e-12)
+    agg = step({"depth": 1.0, "normal": 1.0}, {"depth": 1.0, "seg": 1.0})  # seg has no labels
+    torch.testing.assert_close(agg.weights, frozen["w"][[0, 2]])
+    state = m.state_dict()
+    assert state["w"][1] == frozen["w"][1] and state["m"][1] == frozen["m"][1]
+    assert state["t"].tolist() == [3, 2, 3]
+    assert float(state["w"].sum()) == pytest.approx(3.0, abs=1e-12)  # the share of depth+normal kept
+    assert not torch.equal(state["w"][[0, 2]], frozen["w"][[0, 2]])
+    agg = step({"edges": 0.5, "seg": 1.0}, {"edges": 1.0, "seg": 1.0})  # seg returns, edges is new
+    assert m.tasks == ("depth", "seg", "normal", "edges")
+    assert agg.weights.tolist() == [1.0, float(frozen["w"][1])]
+    assert m.state_dict()["l0"][3] == 0.5
+    assert float(m.weights.sum()) == pytest.approx(4.0, abs=1e-12)

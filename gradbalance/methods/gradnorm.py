@@ -42,7 +42,11 @@ class GradNorm(Method):
     Task-specific parameters: head ``i`` gets ``w_i`` times its task's gradient (the gradient
     of ``sum_i w_i L_i``, as in the paper).
 
-    State: ``w``, ``L(0)`` (the losses of the first step), the optimizer's moments and step.
+    State, per task name: ``w``, ``L(0)`` (the task's first loss), the optimizer's moments and
+    step. Tasks missing from a step (``None`` in a dict of losses) keep their state: the step
+    is taken among the tasks present (``L_grad`` over them), and their weights are renormalised
+    to the share of ``sum(w)`` they held, so absent tasks' weights do not move. A new task starts
+    at ``w = 1`` with its first loss as ``L(0)``.
 
     Cost: task gradients on ``W`` only (k passes through the part of the graph above ``W``),
     then one backward of ``sum_i w_i L_i``. ``extras`` reports ``"layer"`` (which tensor) and
@@ -92,8 +96,13 @@ class GradNorm(Method):
 
     @property
     def weights(self) -> Tensor:
-        """The current weights (empty before the first step)."""
+        """The current weights, one per task seen, in :attr:`tasks` order (empty before the first step)."""
         return self._w.clone()
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The task names the state is kept for, in first-seen order."""
+        return tuple(self._tasks)
 
     def shared_subset(self, shared: list[Tensor]) -> list[Tensor]:
         if self.layer is None:
@@ -112,12 +121,16 @@ class GradNorm(Method):
 
     def aggregate(self, inputs: TaskInputs) -> Aggregation:
         k = inputs.num_tasks
+        if not inputs.task_names and self._tasks:  # unnamed tasks are positional
+            check_num_tasks(len(self._tasks), k, "GradNorm")
+        names = list(inputs.task_names) or [f"task{i}" for i in range(k)]
         losses = inputs.losses.detach().double()
-        first = self._w.numel() == 0
-        if not first:
-            check_num_tasks(self._w.numel(), k, "GradNorm")
-        w = torch.ones_like(losses) if first else self._w.to(losses.device)
-        l0 = losses if first else self._l0.to(losses.device)
+        known = [self._tasks.index(n) if n in self._tasks else -1 for n in names]
+        is_new = torch.tensor([i < 0 for i in known], device=losses.device)
+        rows = torch.tensor([max(i, 0) for i in known])
+        w = torch.where(is_new, torch.ones_like(losses), self._w[rows].to(losses.device)) if self._tasks \
+            else torch.ones_like(losses)
+        l0 = torch.where(is_new, losses, self._l0[rows].to(losses.device)) if self._tasks else losses
         if bool((l0 <= 0).any()):
             raise ValueError(f"GradNorm needs positive losses (ratios to L(0)), got L(0) = {l0.tolist()}")
         norms = inputs.gram.diagonal().double().clamp_min(0).sqrt()
@@ -133,41 +146,61 @@ class GradNorm(Method):
             weights=w.clone(),
             extras={"layer": self.layer_used, "grad_loss": float(diff.abs().sum()),
                     "inverse_rate": r},
-            pending={"grad": grad, "losses": losses},
+            pending={"tasks": names, "grad": grad.cpu(), "losses": losses.cpu()},
         )
 
-    def commit(self, pending: dict[str, Tensor]) -> None:
-        grad = pending["grad"].cpu()
-        if self._w.numel() == 0:
-            k = grad.numel()
-            self._w, self._l0 = torch.ones(k, dtype=torch.float64), pending["losses"].cpu().clone()
-            self._m, self._v = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
-        self._t += 1
+    def commit(self, pending: dict[str, Any]) -> None:
+        """Step the weights of the tasks present; absent tasks keep their weight and moments.
+
+        The present tasks' weights are renormalised to the share of the total they held before
+        the step (``k`` when every task is present), so ``sum(w)`` stays the number of tasks seen.
+        """
+        names, grad = pending["tasks"], pending["grad"]
+        new = [n for n in names if n not in self._tasks]
+        if new:
+            zeros = torch.zeros(len(new), dtype=torch.float64)
+            losses = dict(zip(names, pending["losses"].tolist()))
+            self._tasks = self._tasks + new
+            self._w = torch.cat([self._w, torch.ones(len(new), dtype=torch.float64)])
+            self._l0 = torch.cat([self._l0, torch.tensor([losses[n] for n in new], dtype=torch.float64)])
+            self._m, self._v = torch.cat([self._m, zeros]), torch.cat([self._v, zeros])
+            self._t = torch.cat([self._t, torch.zeros(len(new), dtype=torch.int64)])
+        index = torch.tensor([self._tasks.index(n) for n in names])
+        absent = torch.ones(len(self._tasks), dtype=torch.bool)
+        absent[index] = False
+        share = len(self._tasks) - float(self._w[absent].sum())
+        self._t[index] += 1
         if self.optimizer == "sgd":
-            w = self._w - self.lr * grad
+            w = self._w[index] - self.lr * grad
         else:
             b1, b2 = _BETAS
-            self._m = b1 * self._m + (1 - b1) * grad
-            self._v = b2 * self._v + (1 - b2) * grad * grad
-            m_hat, v_hat = self._m / (1 - b1**self._t), self._v / (1 - b2**self._t)
-            w = self._w - self.lr * m_hat / (v_hat.sqrt() + _EPS)
+            m = self._m[index] = b1 * self._m[index] + (1 - b1) * grad
+            v = self._v[index] = b2 * self._v[index] + (1 - b2) * grad * grad
+            t = self._t[index].double()
+            m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
+            w = self._w[index] - self.lr * m_hat / (v_hat.sqrt() + _EPS)
         w = w.clamp_min(0.0)
-        k = w.numel()
-        self._w = w * (k / w.sum()) if bool(w.sum() > 0) else torch.ones_like(w)
+        self._w = self._w.clone()
+        self._w[index] = w * (share / w.sum()) if bool(w.sum() > 0) else torch.full_like(w, share / len(w))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"w": self._w.clone(), "l0": self._l0.clone(), "m": self._m.clone(),
-                "v": self._v.clone(), "t": self._t}
+        return {"tasks": list(self._tasks), "w": self._w.clone(), "l0": self._l0.clone(),
+                "m": self._m.clone(), "v": self._v.clone(), "t": self._t.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:  # a fresh method
             empty = torch.zeros(0, dtype=torch.float64)
-            self._w, self._l0, self._m, self._v, self._t = empty, empty, empty, empty, 0
+            self._tasks: list[str] = []
+            self._w, self._l0, self._m, self._v = empty, empty, empty, empty
+            self._t = torch.zeros(0, dtype=torch.int64)
             return
-        if set(state) != {"w", "l0", "m", "v", "t"}:
-            raise ValueError(f"GradNorm state needs keys w, l0, m, v, t; got {sorted(state)}")
-        sizes = {state[key].numel() for key in ("w", "l0", "m", "v")}
+        keys = {"tasks", "w", "l0", "m", "v", "t"}
+        if set(state) != keys:
+            raise ValueError(f"GradNorm state needs keys {sorted(keys)}; got {sorted(state)}")
+        sizes = {state[key].numel() for key in ("w", "l0", "m", "v", "t")} | {len(state["tasks"])}
         if len(sizes) != 1:
-            raise ValueError("GradNorm state tensors w, l0, m, v must have the same length")
+            raise ValueError("GradNorm state: tasks, w, l0, m, v, t must have one entry per task")
+        self._tasks = list(state["tasks"])
         self._w, self._l0 = state["w"].double().clone(), state["l0"].double().clone()
-        self._m, self._v, self._t = state["m"].double().clone(), state["v"].double().clone(), int(state["t"])
+        self._m, self._v = state["m"].double().clone(), state["v"].double().clone()
+        self._t = state["t"].long().clone()
