@@ -198,3 +198,27 @@ def test_missing_tasks_keep_their_state():
     assert agg.weights.tolist() == [1.0, float(frozen["w"][1])]
     assert m.state_dict()["l0"][3] == 0.5
     assert float(m.weights.sum()) == pytest.approx(4.0, abs=1e-12)
+
+
+def test_missing_tasks_through_the_optimizer():
+    torch.manual_seed(0)
+    trunk, heads = torch.nn.Linear(3, 4), torch.nn.ModuleList(torch.nn.Linear(4, 1) for _ in range(3))
+    opt = gb.GradBalance(torch.optim.SGD([*trunk.parameters(), *heads.parameters()], lr=0.01),
+                         method="gradnorm", shared_params=trunk)
+    x = torch.randn(8, 3)
+    for step in range(4):
+        opt.zero_grad()
+        z = trunk(x)
+        losses = {n: heads[i](z).pow(2).mean() + 1 for i, n in enumerate("abc")}
+        if step >= 2:
+            losses["b"] = None
+        frozen_head = heads[1].weight.detach().clone()
+        opt.backward(losses)
+        if step >= 2:
+            assert heads[1].weight.grad is None  # the absent task's head gets nothing
+        opt.step()
+        if step >= 2:
+            assert torch.equal(heads[1].weight, frozen_head)
+    state = opt.method.state_dict()
+    assert state["tasks"] == ["a", "b", "c"] and state["t"].tolist() == [4, 2, 4]
+    assert float(state["w"].sum()) == pytest.approx(3.0, abs=1e-12)
