@@ -14,7 +14,7 @@ method state, and leaves everything unchanged when a step raises.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -243,6 +243,20 @@ def check_num_tasks(expected: int | None, got: int, method: str) -> None:
             "None for missing tasks where the method keys its state by task name, or start a new "
             "method object)"
         )
+
+
+def state_keys(inputs: TaskInputs, tasks: Sequence[str], method: str) -> list[str]:
+    """The names under which a method keeps this step's per-task state.
+
+    Named tasks (a dict of losses; the optimizer names a list's tasks ``task0, task1, ...``) are
+    matched by name, so tasks may be missing from a step or new. Unnamed tasks (a method called
+    directly without ``task_names``) are positional, and their number must not change once
+    ``tasks`` is known.
+    """
+    k = inputs.num_tasks
+    if not inputs.task_names and tasks:
+        check_num_tasks(len(tasks), k, method)
+    return list(inputs.task_names) or [f"task{i}" for i in range(k)]
 
 
 def generator_from_state(state: Tensor) -> torch.Generator:

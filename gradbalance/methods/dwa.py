@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_num_tasks, register
+from gradbalance.methods.base import Aggregation, Method, TaskInputs, register, state_keys
 
 __all__ = ["DWA"]
 
@@ -80,9 +80,7 @@ class DWA(Method):
 
     def aggregate(self, inputs: TaskInputs) -> Aggregation:
         k = inputs.num_tasks
-        if not inputs.task_names and self._tasks:  # unnamed tasks are positional
-            check_num_tasks(len(self._tasks), k, "DWA")
-        names = list(inputs.task_names) or [f"task{i}" for i in range(k)]
+        names = state_keys(inputs, self._tasks, "DWA")
         losses = inputs.losses.detach().double()
         known = [self._tasks.index(n) if n in self._tasks else -1 for n in names]
         ready = torch.tensor([i >= 0 and int(self._averages[i]) >= 2 for i in known], dtype=torch.bool)

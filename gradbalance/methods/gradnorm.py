@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_num_tasks, register
+from gradbalance.methods.base import Aggregation, Method, TaskInputs, register, state_keys
 
 __all__ = ["GradNorm"]
 
@@ -120,10 +120,7 @@ class GradNorm(Method):
         return [shared[idx]]
 
     def aggregate(self, inputs: TaskInputs) -> Aggregation:
-        k = inputs.num_tasks
-        if not inputs.task_names and self._tasks:  # unnamed tasks are positional
-            check_num_tasks(len(self._tasks), k, "GradNorm")
-        names = list(inputs.task_names) or [f"task{i}" for i in range(k)]
+        names = state_keys(inputs, self._tasks, "GradNorm")
         losses = inputs.losses.detach().double()
         known = [self._tasks.index(n) if n in self._tasks else -1 for n in names]
         is_new = torch.tensor([i < 0 for i in known], device=losses.device)

@@ -12,9 +12,9 @@ from gradbalance.methods.base import (
     Aggregation,
     Method,
     TaskInputs,
-    check_num_tasks,
     register,
     register_factory,
+    state_keys,
 )
 
 __all__ = ["UW"]
@@ -108,10 +108,7 @@ class UW(Method):
         return torch.tensor(values * k if len(values) == 1 else values[:k], dtype=torch.float64)
 
     def aggregate(self, inputs: TaskInputs) -> Aggregation:
-        k = inputs.num_tasks
-        if not inputs.task_names and self._tasks:  # unnamed tasks are positional
-            check_num_tasks(len(self._tasks), k, "UW")
-        names = list(inputs.task_names) or [f"task{i}" for i in range(k)]
+        names = state_keys(inputs, self._tasks, "UW")
         tasks = self._tasks + [n for n in names if n not in self._tasks]
         index = torch.tensor([tasks.index(n) for n in names])
         losses = inputs.losses.detach().double()
