@@ -56,7 +56,7 @@ def parse(argv):
     ap = argparse.ArgumentParser(prog="python -m benchmarks mixed", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 seed, 2 epochs (seconds)")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (full: 100 diabetes, 10 UTKFace)")
-    ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (full: 10 diabetes, 3 UTKFace)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (full: 5 diabetes, 3 UTKFace)")
     ap.add_argument("--methods", nargs="+", default=None,
                     help="method names (default: every registered method that can run, aliases once)")
     ap.add_argument("--utkface", type=Path, default=None, metavar="DIR",
@@ -71,7 +71,7 @@ def parse(argv):
     args = ap.parse_args(argv)
     utk = args.utkface is not None
     args.epochs = args.epochs or (2 if args.quick else (10 if utk else 100))
-    args.seeds = args.seeds or (1 if args.quick else (3 if utk else 10))
+    args.seeds = args.seeds or (1 if args.quick else (3 if utk else 5))
     args.batch = args.batch or (128 if utk else 32)
     args.lr = args.lr or (1e-3 if utk else 3e-3)
     args.out = args.out or RESULTS / ("mixed_utkface.md" if utk else "mixed.md")

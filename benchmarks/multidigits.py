@@ -44,7 +44,7 @@ def accuracy(model, test) -> dict[str, float]:
 def parse(argv):
     ap = argparse.ArgumentParser(prog="python -m benchmarks multidigits", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 seed, 1 epoch, 256 train / 256 test images")
-    ap.add_argument("--epochs", type=int, default=None, help="training epochs (full: 8)")
+    ap.add_argument("--epochs", type=int, default=None, help="training epochs (full: 6)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (full: 3)")
     ap.add_argument("--methods", nargs="+", default=None,
                     help="method names (default: every registered method that can run, aliases once)")
@@ -58,7 +58,7 @@ def parse(argv):
                     help="markdown result; the PNG goes next to it with suffix .png")
     args = ap.parse_args(argv)
     q = args.quick
-    args.epochs = args.epochs or (1 if q else 8)
+    args.epochs = args.epochs or (1 if q else 6)
     args.seeds = args.seeds or (1 if q else 3)
     args.train = args.train or (256 if q else 6000)
     args.test = args.test or (256 if q else 2000)
