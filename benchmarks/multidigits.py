@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> str:
     text = [
         "# MultiDigits: two overlapped digits, LeNet trunk, every method",
         "",
-        f"Command: `python -m benchmarks multidigits {' '.join(argv)}`".rstrip() + "",
+        f"Command: `{' '.join(['python -m benchmarks multidigits', *argv])}`",
         "",
         f"Environment: {environment()}",
         "",
