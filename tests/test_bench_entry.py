@@ -1,0 +1,48 @@
+"""``python -m benchmarks``: the one entry point lists every benchmark and dispatches to it."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.__main__ import BENCHMARKS, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_lists_every_benchmark(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name, (_, desc) in BENCHMARKS.items():
+        assert f"  {name}" in out and desc in out
+
+
+def test_every_benchmark_module_exists_with_a_main_and_a_docstring():
+    for name, (module, _) in BENCHMARKS.items():
+        mod = importlib.import_module(module)
+        assert callable(mod.main), name
+        assert mod.__doc__ and mod.__doc__.strip(), name
+    # and every script in benchmarks/ with a main() is reachable from the entry point
+    scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py")
+               if "def main(" in p.read_text() and p.stem != "__main__"}
+    assert scripts == {m.rsplit(".", 1)[1] for m, _ in BENCHMARKS.values()}
+
+
+def test_unknown_benchmark_is_refused(capsys):
+    assert main(["nope"]) == 2
+    assert "unknown benchmark 'nope'" in capsys.readouterr().err
+
+
+def test_a_benchmark_runs_through_the_entry_point(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADBALANCE_NO_PROGRESS", "1")
+    assert main(["solvers", "--quick", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "solvers.md").read_text().count("| ") > 3
+
+
+def test_module_invocation():
+    run = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0 and "multidigits" in run.stdout
+    run = subprocess.run([sys.executable, "-m", "benchmarks", "nope"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2
