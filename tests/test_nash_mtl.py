@@ -178,3 +178,21 @@ def test_two_opposed_gradients_in_float32_raise():
     grads = torch.tensor([[1.0, 2.0], [-1.0, -2.0 + 1e-7]], dtype=torch.float32)  # 1 + cos ~ 1e-15
     with pytest.raises(RuntimeError, match="opposed"):
         NashMTL().aggregate(inputs_for(grads))
+
+
+def test_two_opposed_gradients_after_a_step_reuse_the_previous_weights_with_a_warning():
+    method = NashMTL()
+    good = torch.tensor([[1.0, 2.0], [-1.0, 0.5]], dtype=torch.float64)
+    method.commit(method.aggregate(inputs_for(good)).pending)
+    previous_n = method.alpha_n.clone()
+    opposed = torch.tensor([[2.0, 4.0], [-1.0, -2.0]], dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="Pareto-stationary"):
+        agg = method.aggregate(inputs_for(opposed, step=1))
+    gram = opposed @ opposed.T
+    raw = previous_n / float(torch.linalg.matrix_norm(gram)) ** 0.5
+    torch.testing.assert_close(agg.head_weights, raw)
+    assert agg.extras["solver_failures"] == 1
+    assert float((agg.weights @ opposed).norm()) <= 1.0 + 1e-9  # still clipped
+    method.commit(agg.pending)
+    assert method.failures == 1
+    torch.testing.assert_close(method.alpha_n, previous_n)

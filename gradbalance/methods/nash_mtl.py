@@ -63,7 +63,12 @@ class NashMTL(Method):
     grow like ``1 / sqrt(1 + cos)`` and the cvxpy iterations fail or stop far from the
     solution, although the problem is well posed until ``cos = -1``. With two tasks a zero
     gradient, or ``1 + cos <= 100 eps`` (``eps`` of the Gram matrix's dtype: opposed up to the
-    precision ``M`` was computed in), raises a ``RuntimeError`` and changes nothing.
+    precision ``M`` was computed in: a Pareto-stationary point) has no solution: on the first
+    step this raises a ``RuntimeError`` and changes nothing; later the previous step's
+    normalised solution is reused (rescaled to the current ``||M||_F``, then clipped), with a
+    ``RuntimeWarning``, counted in ``extras["solver_failures"]`` and the state (the official
+    code also keeps the previous weights when its solver fails). A run that reaches the
+    front therefore keeps going instead of stopping with an error.
 
     Failures are never silent: if the first iteration of a solve fails (solver error,
     infeasible, e.g. a zero or exactly opposed gradient) a ``RuntimeError`` is raised and
@@ -200,14 +205,24 @@ class NashMTL(Method):
             first = np.where(diag > 0, 1.0 / np.where(diag > 0, diag, 1.0), 1.0)
             start = self.alpha_n.numpy() if self.num_tasks else first
             if k == 2:
-                a_n, nit, failures = self.solve_two(m_n, torch.finfo(inputs.gram.dtype).eps), 0, 0
+                try:
+                    a_n, nit, failures = self.solve_two(m_n, torch.finfo(inputs.gram.dtype).eps), 0, 0
+                except RuntimeError:
+                    if not self.num_tasks:
+                        raise
+                    # a Pareto-stationary point (opposed or zero gradients): no solution; keep
+                    # the previous step's normalised weights, as the official code does
+                    warnings.warn("Nash-MTL: the two task gradients are opposed or zero (a "
+                                  "Pareto-stationary point), no bargaining solution; reusing the "
+                                  "previous step's weights", RuntimeWarning, stacklevel=2)
+                    a_n, nit, failures = self.alpha_n.numpy().copy(), 0, 1
             else:
                 a_n, nit, failures = self.solve(m_n, start)
             alpha_n = torch.from_numpy(a_n)
             alpha = alpha_n / math.sqrt(fro)
             pending = (k, alpha_n, alpha.clone(), failures)
             residual = float((alpha * (gram @ alpha) - 1.0).abs().max())
-            if residual > 1e-3:
+            if residual > 1e-3 and not (k == 2 and failures):
                 warnings.warn(f"Nash-MTL: max |a_i (M a)_i - 1| = {residual:.2e} after {nit} "
                               "iterations (raise optim_niter?)", RuntimeWarning, stacklevel=2)
             extras.update(reused=0, solver_iterations=nit, solver_failures=failures,
