@@ -275,7 +275,10 @@ def main(argv: list[str] | None = None) -> int:
             reached += ok
             secs += r["seconds"]
             status = "yes" if ok else ("**error**" if r["error"] else "no")
-            rows.append([m, _fmt_point(s), _fmt_point(r["final"]), f"{r['distance']:.4f}", status])
+            tr = r["traj"]
+            moved = float(np.linalg.norm(tr[-1] - tr[round(0.8 * (len(tr) - 1))]))
+            rows.append([m, _fmt_point(s), _fmt_point(r["final"]), f"{r['distance']:.4f}", status,
+                         f"{moved:.3f}"])
             if r["error"]:
                 notes.add(r["error"])
             notes.update(f"{r['warnings']} warning(s): {msg}" for msg in r["warning_messages"][:1])
@@ -298,7 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         "## Summary per method\n",
         common.markdown_table(["method", "reached", "steps/s", "errors / warnings"], summary),
         "## Final point per method and start\n",
-        common.markdown_table(["method", "start", "final x", "distance to front", "reached"], rows),
+        "The last column is how far the point moved over the last 20% of the steps: near 0 means "
+        "the run has settled (on the front, or stalled), large means it was still travelling.\n",
+        common.markdown_table(["method", "start", "final x", "distance to front", "reached",
+                               "moved (last 20%)"], rows),
     ]
     common.write_result(Path(args.out) / "toy.md", "\n".join(text))
     if not args.no_plot:
