@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import math
 import pickle
+import re
 import time
 import warnings
 from pathlib import Path
@@ -180,10 +181,18 @@ def run(name: str, start, steps: int, lr: float = LR, decay: bool = False, recor
             traj.append(tuple(x.detach().tolist()))
     seconds = time.perf_counter() - t0
     final = x.detach().numpy().copy()
-    messages = sorted({str(w.message).splitlines()[0][:120] for w in caught})
+    counts: dict[str, int] = {}
+    for w in caught:
+        key = _generic(str(w.message))
+        counts[key] = counts.get(key, 0) + 1
     return {"final": final, "traj": np.array(traj), "distance": float(distance_to_front(final)),
             "seconds": seconds, "steps_done": i + 1 if error is None else i, "error": error,
-            "warnings": len(caught), "warning_messages": messages}
+            "warnings": len(caught), "warning_counts": counts}
+
+
+def _generic(message: str) -> str:
+    """A warning's first line with its numbers replaced by ``#`` (to count kinds of warnings)."""
+    return re.sub(r"-?\d+(\.\d+)?(e[-+]?\d+)?", "#", message.splitlines()[0])[:110]
 
 
 # ------------------------------------------------------------------------------ report
@@ -268,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, summary = [], []
     for m in methods:
-        reached, secs, notes = 0, 0.0, set()
+        reached, secs, notes, warned = 0, 0.0, set(), {}
         for j, s in enumerate(starts):
             r = results[m, j]
             ok = r["error"] is None and r["distance"] < TOL
@@ -281,9 +290,12 @@ def main(argv: list[str] | None = None) -> int:
                          f"{moved:.3f}"])
             if r["error"]:
                 notes.add(r["error"])
-            notes.update(f"{r['warnings']} warning(s): {msg}" for msg in r["warning_messages"][:1])
+            for msg, n in r.get("warning_counts", {}).items():
+                warned[msg] = warned.get(msg, 0) + n
         steps_per_s = len(starts) * steps / secs if secs else float("nan")
-        summary.append([m, f"{reached}/{len(starts)}", f"{steps_per_s:.0f}", "; ".join(sorted(notes)) or ""])
+        notes.update(f"{n} warnings: {msg}" for msg, n in warned.items())
+        summary.append([m, f"{reached}/{len(starts)}", f"{steps_per_s:.0f}",
+                        "; ".join(sorted(notes)).replace("|", "\\|")])
 
     mode = "quick" if args.quick else "full"
     command = "python -m benchmarks toy " + " ".join(argv if argv is not None else [])
