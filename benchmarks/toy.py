@@ -26,7 +26,8 @@ value at ``x1 = 0``; it is up to 0.08 off at the ends). A point's distance to th
 distance to that curve.
 
     python -m benchmarks toy                 # full: every method, 5 starts, 35,000 steps
-    python -m benchmarks toy --quick         # seconds: larger, decaying lr, few steps
+    python -m benchmarks toy --quick         # seconds: 2 starts, larger decaying lr, 250 steps
+                                             # (writes toy-quick.md / toy-quick.png)
 """
 
 from __future__ import annotations
@@ -246,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help=f"steps per run (default {STEPS})")
     parser.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {LR})")
     parser.add_argument("--methods", default=None, help="comma-separated method names (default: all)")
-    parser.add_argument("--out", type=Path, default=common.RESULTS, help="folder of toy.md and toy.png")
+    parser.add_argument("--out", type=Path, default=common.RESULTS,
+                        help="folder of toy.md and toy.png (--quick: toy-quick.md, toy-quick.png)")
     parser.add_argument("--no-plot", action="store_true", help="skip toy.png")
     parser.add_argument("--cache", type=Path, default=None,
                         help="folder of per-run results: reused when present (same steps and lr), "
@@ -318,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         common.markdown_table(["method", "start", "final x", "distance to front", "reached",
                                "moved (last 20%)"], rows),
     ]
-    common.write_result(Path(args.out) / "toy.md", "\n".join(text))
+    name = "toy-quick" if args.quick else "toy"  # --quick never overwrites the full results
+    common.write_result(Path(args.out) / f"{name}.md", "\n".join(text))
     if not args.no_plot:
-        _plot(results, methods, starts, Path(args.out) / "toy.png")
+        _plot(results, methods, starts, Path(args.out) / f"{name}.png")
     return 0

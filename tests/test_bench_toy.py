@@ -86,7 +86,8 @@ def test_quick_run_table_and_mgda_reaches_the_front(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADBALANCE_NO_PROGRESS", "1")
     methods = ["mean", "mgda", "nash_mtl", "famo", "mgda_ub"]
     assert toy.main(["--quick", "--methods", ",".join(methods), "--out", str(tmp_path), "--no-plot"]) == 0
-    text = (tmp_path / "toy.md").read_text()
+    assert not (tmp_path / "toy.md").exists()  # --quick never overwrites the full results
+    text = (tmp_path / "toy-quick.md").read_text()
     num = r"(-?[\d.]+)"
     rows = re.findall(rf"^\| (\w+) \| \({num}, {num}\) \| \({num}, {num}\) \| ([\d.]+) \| (\S+) \| [\d.]+ \|$",
                       text, flags=re.M)
