@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -136,3 +138,61 @@ def test_save_load_continue_is_bit_identical():
 
 def test_doc_snippets_run():
     assert run_doc_snippets("nash_mtl") >= 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_two_task_closed_form_matches_the_iterations(seed):
+    grads = random_gradients(2, p=30, seed=seed)
+    gram = (grads @ grads.T).numpy()
+    m_n = gram / float(torch.linalg.matrix_norm(torch.from_numpy(gram)))
+    closed = NashMTL.solve_two(m_n, torch.finfo(torch.float64).eps)
+    iterated, _, failures = NashMTL().solve(m_n, 1.0 / torch.from_numpy(m_n).diag().sqrt().numpy())
+    assert failures == 0
+    torch.testing.assert_close(torch.from_numpy(closed), torch.from_numpy(iterated), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("gap", [1e-3, 1e-6, 1e-9, 1e-12])
+def test_two_nearly_opposed_gradients_get_the_exact_solution(gap):
+    # cos(g1, g2) = -1 + gap (a point next to the Pareto front): the solution exists, with
+    # weights ~ 1 / sqrt(gap); the cvxpy iterations used to fail here ("failed on the first
+    # iteration") or stop with a huge residual
+    theta = torch.tensor(math.acos(-1.0 + gap), dtype=torch.float64)
+    g1 = torch.tensor([3.0, 0.0], dtype=torch.float64)
+    g2 = 0.5 * torch.stack([torch.cos(theta), torch.sin(theta)])
+    grads = torch.stack([g1, g2])
+    gram = grads @ grads.T
+    agg = NashMTL(max_norm=0.0).aggregate(inputs_for(grads))
+    a = agg.weights
+    assert (a > 0).all() and torch.isfinite(a).all()
+    # the residual itself is computed with cancellation of order eps / gap
+    torch.testing.assert_close(a * (gram @ a), torch.ones(2, dtype=torch.float64), rtol=0,
+                               atol=1e-9 + 1e-14 / gap)
+    d = a @ grads  # the bisector of the unit gradients, norm sqrt(2)
+    assert float(d.norm()) == pytest.approx(math.sqrt(2.0), rel=1e-6 + 1e-14 / gap)
+    assert float(d @ g1) > 0 and float(d @ g2) > 0
+    clipped = NashMTL().aggregate(inputs_for(grads))
+    assert float((clipped.weights @ grads).norm()) == pytest.approx(1.0, rel=2e-6 + 1e-14 / gap)
+
+
+def test_two_opposed_gradients_in_float32_raise():
+    grads = torch.tensor([[1.0, 2.0], [-1.0, -2.0 + 1e-7]], dtype=torch.float32)  # 1 + cos ~ 1e-15
+    with pytest.raises(RuntimeError, match="opposed"):
+        NashMTL().aggregate(inputs_for(grads))
+
+
+def test_two_opposed_gradients_after_a_step_reuse_the_previous_weights_with_a_warning():
+    method = NashMTL()
+    good = torch.tensor([[1.0, 2.0], [-1.0, 0.5]], dtype=torch.float64)
+    method.commit(method.aggregate(inputs_for(good)).pending)
+    previous_n = method.alpha_n.clone()
+    opposed = torch.tensor([[2.0, 4.0], [-1.0, -2.0]], dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="Pareto-stationary"):
+        agg = method.aggregate(inputs_for(opposed, step=1))
+    gram = opposed @ opposed.T
+    raw = previous_n / float(torch.linalg.matrix_norm(gram)) ** 0.5
+    torch.testing.assert_close(agg.head_weights, raw)
+    assert agg.extras["solver_failures"] == 1
+    assert float((agg.weights @ opposed).norm()) <= 1.0 + 1e-9  # still clipped
+    method.commit(agg.pending)
+    assert method.failures == 1
+    torch.testing.assert_close(method.alpha_n, previous_n)

@@ -56,6 +56,20 @@ class NashMTL(Method):
     Task-specific parameters get ``a_i`` times their own gradient, unclipped (the official
     code back-propagates ``sum_i a_i L_i`` and clips the shared parameters only).
 
+    With two tasks the solution has a closed form, used instead of the iterations:
+    ``a_i = 1 / (||g_i|| sqrt(1 + cos(g1, g2)))`` (then ``d = (u1 + u2) / sqrt(1 + cos)`` with
+    ``u_i = g_i / ||g_i||``, always of norm ``sqrt(2)``). It is exact where the solver is
+    ill-conditioned: for nearly opposed gradients (a point near the Pareto front) the weights
+    grow like ``1 / sqrt(1 + cos)`` and the cvxpy iterations fail or stop far from the
+    solution, although the problem is well posed until ``cos = -1``. With two tasks a zero
+    gradient, or ``1 + cos <= 100 eps`` (``eps`` of the Gram matrix's dtype: opposed up to the
+    precision ``M`` was computed in: a Pareto-stationary point) has no solution: on the first
+    step this raises a ``RuntimeError`` and changes nothing; later the previous step's
+    normalised solution is reused (rescaled to the current ``||M||_F``, then clipped), with a
+    ``RuntimeWarning``, counted in ``extras["solver_failures"]`` and the state (the official
+    code also keeps the previous weights when its solver fails). A run that reaches the
+    front therefore keeps going instead of stopping with an error.
+
     Failures are never silent: if the first iteration of a solve fails (solver error,
     infeasible, e.g. a zero or exactly opposed gradient) a ``RuntimeError`` is raised and
     nothing changes; if a later one fails, the last successful iterate *of this step* is used,
@@ -151,6 +165,26 @@ class NashMTL(Method):
                 break
         return current, it, failures
 
+    @staticmethod
+    def solve_two(m_n: np.ndarray, eps: float) -> np.ndarray:
+        """The exact two-task solution ``a_i = 1 / (||g_i|| sqrt(1 + cos))`` (on ``M~``).
+
+        Raises ``RuntimeError`` when a gradient is zero or ``1 + cos <= 100 eps`` (``eps`` of the
+        Gram matrix's dtype): opposed gradients, up to the precision ``M`` was computed in,
+        for which the bargaining problem has no solution.
+        """
+        n1, n2 = math.sqrt(max(float(m_n[0, 0]), 0.0)), math.sqrt(max(float(m_n[1, 1]), 0.0))
+        if not (n1 > 0.0 and n2 > 0.0):
+            raise RuntimeError("Nash-MTL: a task gradient is zero; the bargaining problem has no "
+                               "solution. Check the losses.")
+        gap = 1.0 + float(m_n[0, 1]) / (n1 * n2)  # 1 + cos(g1, g2)
+        if not gap > 100.0 * eps:
+            raise RuntimeError(f"Nash-MTL: the two task gradients are opposed (1 + cos = {gap:.2e}, "
+                               f"at the precision of the Gram matrix); the bargaining problem has no "
+                               "solution. Check the losses.")
+        t = 1.0 / math.sqrt(gap)
+        return np.array([t / n1, t / n2], dtype=np.float64)
+
     def aggregate(self, inputs: TaskInputs) -> Aggregation:
         k = inputs.num_tasks
         check_num_tasks(self.num_tasks or None, k, "NashMTL")
@@ -170,12 +204,26 @@ class NashMTL(Method):
             diag = np.sqrt(np.diag(m_n))
             first = np.where(diag > 0, 1.0 / np.where(diag > 0, diag, 1.0), 1.0)
             start = self.alpha_n.numpy() if self.num_tasks else first
-            a_n, nit, failures = self.solve(m_n, start)
+            if k == 2:
+                try:
+                    a_n, nit, failures = self.solve_two(m_n, torch.finfo(inputs.gram.dtype).eps), 0, 0
+                except RuntimeError:
+                    if not self.num_tasks:
+                        raise
+                    # a Pareto-stationary point (opposed or zero gradients): no solution; keep
+                    # the previous step's normalised weights, as the official code does
+                    warnings.warn("Nash-MTL: the two task gradients are opposed or zero (a "
+                                  "Pareto-stationary point), no bargaining solution; reusing the "
+                                  "previous step's weights", RuntimeWarning, stacklevel=2)
+                    a_n, nit, failures = self.alpha_n.numpy().copy(), 0, 1
+            else:
+                a_n, nit, failures = self.solve(m_n, start)
             alpha_n = torch.from_numpy(a_n)
             alpha = alpha_n / math.sqrt(fro)
             pending = (k, alpha_n, alpha.clone(), failures)
             residual = float((alpha * (gram @ alpha) - 1.0).abs().max())
-            if residual > 1e-3:
+            # (two tasks: the closed form is exact; its residual is rounding in M a near cos = -1)
+            if residual > 1e-3 and k != 2:
                 warnings.warn(f"Nash-MTL: max |a_i (M a)_i - 1| = {residual:.2e} after {nit} "
                               "iterations (raise optim_niter?)", RuntimeWarning, stacklevel=2)
             extras.update(reused=0, solver_iterations=nit, solver_failures=failures,
