@@ -16,8 +16,10 @@ Peak memory: one extra step per configuration, measured apart from the timed one
 ``torch.cuda.max_memory_allocated`` above what was allocated before the step. On CPU, the
 tensor allocations the PyTorch profiler records (``profile_memory=True``: every allocation and
 free of the CPU allocator, in order) are replayed and the highest running total is taken: the
-peak of tensor bytes allocated during the step above the start, forward activations, saved
-tensors, gradients and the method's buffers included (not Python objects, not RSS).
+peak of tensor bytes allocated during the step and live at the same time, forward activations,
+saved tensors, gradients and the method's buffers included (not Python objects, not RSS).
+Frees of tensors allocated before the step (the previous step's ``.grad``) are not subtracted,
+so the figure is the step's own allocations, an upper bound on its increase over the start.
 
 Writes ``<out>/overhead.md`` and ``<out>/overhead.png`` (default ``benchmarks/results/``).
 """
@@ -318,6 +320,10 @@ def measure(configs: list[Config], device: str, steps: int, warmup: int, budget:
             c.spent += dt
     if memory:
         for c in active:
+            # one unprofiled step first: the .grad it leaves (freed by the next step's
+            # zero_grad) must not have been allocated under an earlier profiling session, or
+            # their frees would count against this configuration's peak
+            c.step()
             c.mem = peak_bytes(c.step, device)
 
 
@@ -383,10 +389,20 @@ def _find(rows, model, k, label):
     return None
 
 
+def _torchjd_version() -> str:
+    if torchjd is None:
+        return "torchjd not installed (pip install gradbalance[compare])"
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"torchjd {version('torchjd')}"
+    except PackageNotFoundError:  # pragma: no cover
+        return "torchjd (version unknown)"
+
+
 def report(rows: list[dict], descriptions: dict[str, str], command: str, fw: dict[int, float]) -> str:
     out = ["# Overhead: what gradient balancing costs per step", "",
-           f"`{command}` on {environment()}; torchjd "
-           f"{getattr(torchjd, '__version__', 'not installed') if torchjd else 'not installed'}.", "",
+           f"`{command}` on {environment()}; {_torchjd_version()}.", "",
            "Every cell is the median step time of a configuration divided by the median time of a plain "
            "`sum(losses).backward()` step of the same model in the same run, and in brackets its peak "
            "memory divided by the plain step's; a step is forward + backward/balancing + `SGD.step()`. "
