@@ -18,8 +18,9 @@ tensor allocations the PyTorch profiler records (``profile_memory=True``: every 
 free of the CPU allocator, in order) are replayed and the highest running total is taken: the
 peak of tensor bytes allocated during the step and live at the same time, forward activations,
 saved tensors, gradients and the method's buffers included (not Python objects, not RSS).
-Frees of tensors allocated before the step (the previous step's ``.grad``) are not subtracted,
-so the figure is the step's own allocations, an upper bound on its increase over the start.
+Frees of tensors allocated before the step (the previous step's ``.grad``) are not subtracted
+(a free is matched to a live block of the same size allocated in the step, else ignored), so the
+figure is the peak of the step's own allocations, an upper bound on its increase over the start.
 
 Writes ``<out>/overhead.md`` and ``<out>/overhead.png`` (default ``benchmarks/results/``).
 """
@@ -30,6 +31,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,9 +290,20 @@ def peak_bytes(fn: Callable[[], None], device: str) -> float:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
+    # A free counts only against a live block of the same size allocated in this step: the
+    # profiler may report the size of blocks allocated before it (an address reused from an
+    # earlier session), and those frees must not lower this step's running total.
+    live: Counter[int] = Counter()
     current = peak = 0
     for e in events:
-        current += e.nbytes()
+        n = e.nbytes()
+        if n > 0:
+            live[n] += 1
+        elif live[-n] > 0:
+            live[-n] -= 1
+        else:
+            continue
+        current += n
         peak = max(peak, current)
     return float(peak)
 
