@@ -400,7 +400,8 @@ class Balancer:
         for name, ok in zip(names, reached or []):
             if not ok:
                 raise ValueError(f"loss {name!r} does not depend on {what}")
-        grads = grads / scale
+        if scale != 1.0:  # no (k, n) copy when there is no GradScaler
+            grads = grads / scale
         sync, k = self.sync, len(names)
         window = self._window if self.accumulation == "exact" else None
         summed_gram = None
@@ -722,7 +723,11 @@ class Balancer:
         present = [distributed_mod.local(g) for g in grads if g is not None]
         if not present:
             raise ValueError("the losses reach none of the optimizer's parameters")
-        total = torch.stack([g.float().abs().sum() for g in present]).sum()
+        # sum of |g| (an extra pass over the gradients; for float32 without the |g| temporary)
+        total = torch.stack([
+            torch.linalg.vector_norm(g, 1) if g.dtype == torch.float32 else g.float().abs().sum()
+            for g in present
+        ]).sum()
         if sync is not None:  # FSDP shards: agree across ranks, so that every rank raises
             total = sync.sum_(total.reshape(1))
         if not bool(torch.isfinite(total).all()):

@@ -112,15 +112,28 @@ def _loop(
     losses: Sequence[Tensor], shared: Sequence[Tensor], heads: Sequence[Tensor], retain_graph: bool
 ) -> TaskGradients:
     params = list(shared) + list(heads)
-    rows, head_grads, reached = [], [], []
-    n = len(shared)
+    head_grads, reached = [], []
+    n, k = len(shared), len(losses)
+    if n == 0:
+        raise ValueError("no shared parameters: the loop engine needs at least one")
+    # Each task's gradients are copied once, straight into their row of a preallocated (k, P)
+    # matrix (``cat(out=row)``): no per-task flat vector and no final ``stack``, so the extra
+    # memory is the matrix plus one task's gradients, and one copy of each gradient.
+    dtype = shared[0].dtype
+    for p in shared[1:]:
+        dtype = torch.promote_types(dtype, p.dtype)
+    matrix = torch.empty(k, sum(p.numel() for p in shared), dtype=dtype, device=shared[0].device)
     for i, loss in enumerate(losses):
-        keep = retain_graph or i < len(losses) - 1
+        keep = retain_graph or i < k - 1
         grads = torch.autograd.grad(loss, params, retain_graph=keep, allow_unused=True)
         reached.append(any(g is not None for g in grads[:n]))
-        rows.append(flatten(grads[:n], shared))
+        torch.cat(
+            [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads[:n], shared)],
+            out=matrix[i],
+        )
         head_grads.append(list(grads[n:]))
-    return TaskGradients(torch.stack(rows), head_grads, reached, "loop")
+        del grads
+    return TaskGradients(matrix, head_grads, reached, "loop")
 
 
 def _batched_grad(
