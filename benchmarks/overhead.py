@@ -560,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += r
     fw = frank_wolfe_ms((2, 10, 40), repeats=10 if args.quick else 50)
     command = "python -m benchmarks overhead " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = report(rows, descriptions, command.strip(), fw)
+    text = report(rows, descriptions, command.strip(), fw) + "\n![step time against k](overhead.png)\n"
     print(text)
     write_result(args.out / "overhead.md", text)
     plot(rows, args.out / "overhead.png")

@@ -321,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                                "moved (last 20%)"], rows),
     ]
     name = "toy-quick" if args.quick else "toy"  # --quick never overwrites the full results
+    if not args.no_plot:
+        text.append(f"![trajectories of every method over the summed loss]({name}.png)\n")
     common.write_result(Path(args.out) / f"{name}.md", "\n".join(text))
     if not args.no_plot:
         _plot(results, methods, starts, Path(args.out) / f"{name}.png")
