@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -80,3 +82,92 @@ def test_end_to_end_step_heads_get_the_weights():
     agg, info = check_one_step("fairgrad")
     assert agg.head_weights is None  # heads get w_i, as sum_i w_i L_i backpropagated
     torch.testing.assert_close(info.weights, agg.weights)
+
+
+# ---------------------------------------------------------------- two tasks: the scalar solve
+def _opposed(gap, n1=3.0, n2=0.5):
+    """Two gradients with cos = -1 + gap and norms n1, n2 (a point next to the Pareto front)."""
+    theta = math.acos(-1.0 + gap)
+    return torch.tensor([[n1, 0.0], [n2 * math.cos(theta), n2 * math.sin(theta)]], dtype=torch.float64)
+
+
+def _exact(m, alpha, w0):
+    """The solution for the given (float64) M in 60-digit arithmetic, by Newton from w0."""
+    mp = pytest.importorskip("mpmath")
+    with mp.workdps(60):
+        mm = [[mp.mpf(float(v)) for v in row] for row in m.tolist()]
+        p = 1 / mp.mpf(alpha)
+        f = lambda a, b: [mm[0][0] * a + mm[0][1] * b - a**-p, mm[1][0] * a + mm[1][1] * b - b**-p]  # noqa: E731
+        sol = mp.findroot(f, [mp.mpf(float(v)) for v in w0])
+        return mp, [sol[0], sol[1]], mm, p
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0, 5.0])
+@pytest.mark.parametrize("gap", [1.0, 1e-2, 1e-8, 1e-12])
+def test_two_tasks_exact_near_opposed(alpha, gap):
+    g = _opposed(gap)
+    m = g @ g.T
+    w, agg = _weights(g, alpha)
+    assert bool((w > 0).all()) and agg.extras["solver_failures"] == 0
+    mp, exact, mm, p = _exact(m, alpha, w)
+    with mp.workdps(60):
+        wm = [mp.mpf(float(v)) for v in w]
+        # forward error against the exact solution of M w = w^(-1/alpha) for this M
+        assert max(abs(wm[i] / exact[i] - 1) for i in range(2)) < 1e-13
+        # the equations hold to machine precision relative to the size of their terms
+        for i in range(2):
+            terms = abs(mm[i][0] * wm[0]) + abs(mm[i][1] * wm[1]) + wm[i] ** -p
+            assert abs(mm[i][0] * wm[0] + mm[i][1] * wm[1] - wm[i] ** -p) / terms < 1e-14
+    if gap >= 1e-2:  # well conditioned: the float64 relative residual is itself ~1e-12
+        torch.testing.assert_close(m @ w, w ** (-1 / alpha), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 2.0, 5.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_two_task_solve_agrees_with_least_squares(alpha, seed):
+    g = _grads(2, seed=seed)
+    m = (g @ g.T).numpy()
+    closed = FairGrad.solve_two(m, alpha)
+    generic = FairGrad(alpha).solve(m)
+    torch.testing.assert_close(torch.from_numpy(closed), torch.from_numpy(generic), rtol=1e-10, atol=0)
+
+
+def test_two_tasks_alpha_one_is_the_nash_closed_form():
+    g = _opposed(1e-8)
+    w, _ = _weights(g, 1.0)
+    expected = 1.0 / (g.norm(dim=1) * math.sqrt(1e-8))
+    torch.testing.assert_close(w, expected, rtol=1e-7, atol=0)  # 1e-8: the gap of the rounded g
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 5.0])
+def test_two_tasks_scale_law_and_order(alpha):
+    g = _opposed(1e-6)
+    w, _ = _weights(g, alpha)
+    m = g @ g.T
+    for s, rtol in ((2.0**-20, 1e-13), (8.0, 1e-13), (2.0**30, 1e-13), (7.3, 1e-9)):
+        # M -> s M; a power of 2 is exact, 7.3 rounds M (1 + cos moves by ~eps / 1e-6)
+        agg = FairGrad(alpha).aggregate(TaskInputs(losses=torch.ones(2, dtype=torch.float64), gram=s * m))
+        torch.testing.assert_close(agg.weights, w * s ** (-alpha / (1 + alpha)), rtol=rtol, atol=0)
+    w_swapped, _ = _weights(g.flip(0), alpha)
+    torch.testing.assert_close(w_swapped, w.flip(0), rtol=0, atol=0)
+
+
+def test_two_opposed_gradients_raise_first_then_reuse_the_previous_weights():
+    method = FairGrad(2.0)
+    opposed = torch.tensor([[2.0, 4.0], [-1.0, -2.0]], dtype=torch.float64)
+    inputs = TaskInputs(losses=torch.ones(2, dtype=torch.float64), gram=opposed @ opposed.T)
+    with pytest.raises(RuntimeError, match="opposed"):
+        method.aggregate(inputs)
+    good = torch.tensor([[1.0, 2.0], [-1.0, 0.5]], dtype=torch.float64)
+    first = method.aggregate(TaskInputs(losses=torch.ones(2, dtype=torch.float64), gram=good @ good.T))
+    method.commit(first.pending)
+    with pytest.warns(RuntimeWarning, match="Pareto-stationary"):
+        agg = method.aggregate(inputs)
+    # rescaled by the scale law: s = max diag of M (5 before, 20 now)
+    torch.testing.assert_close(agg.weights, first.weights * 4.0 ** (-2.0 / 3.0), rtol=1e-14, atol=0)
+    assert agg.extras["solver_failures"] == 1
+    method.commit(agg.pending)
+    assert method.failures == 1 and method.state_dict()["failures"] == 1
+    fresh = FairGrad(2.0)
+    fresh.load_state_dict(method.state_dict())
+    torch.testing.assert_close(fresh.w_n, method.w_n)
