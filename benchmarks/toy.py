@@ -324,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plot:
         text.append(f"![trajectories of every method over the summed loss]({name}.png)\n")
     common.write_result(Path(args.out) / f"{name}.md", "\n".join(text))
+    print(common.markdown_table(["method", "reached", "steps/s", "errors / warnings"], summary))
     if not args.no_plot:
         _plot(results, methods, starts, Path(args.out) / f"{name}.png")
     return 0
