@@ -67,14 +67,15 @@ def parse(argv):
     ap.add_argument("--lr", type=float, default=None, help="Adam learning rate (3e-3 diabetes, 1e-3 UTKFace)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--out", type=Path, default=None,
-                    help="markdown result (default results/mixed.md, results/mixed_utkface.md); PNG next to it")
+                    help="markdown result (default results/mixed.md, results/mixed_utkface.md; with --quick "
+                         "*-quick.md, so a quick run never overwrites the full results); PNG next to it")
     args = ap.parse_args(argv)
     utk = args.utkface is not None
     args.epochs = args.epochs or (2 if args.quick else (10 if utk else 100))
     args.seeds = args.seeds or (1 if args.quick else (3 if utk else 5))
     args.batch = args.batch or (128 if utk else 32)
     args.lr = args.lr or (1e-3 if utk else 3e-3)
-    args.out = args.out or RESULTS / ("mixed_utkface.md" if utk else "mixed.md")
+    args.out = args.out or RESULTS / (("mixed_utkface" if utk else "mixed") + ("-quick" if args.quick else "") + ".md")
     return args
 
 

@@ -54,9 +54,11 @@ def parse(argv):
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    ap.add_argument("--out", type=Path, default=RESULTS / "multidigits.md",
-                    help="markdown result; the PNG goes next to it with suffix .png")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="markdown result (default results/multidigits.md; --quick: results/multidigits-quick.md, "
+                         "so a quick run never overwrites the full results); the PNG goes next to it")
     args = ap.parse_args(argv)
+    args.out = args.out or RESULTS / ("multidigits-quick.md" if args.quick else "multidigits.md")
     q = args.quick
     args.epochs = args.epochs or (1 if q else 6)
     args.seeds = args.seeds or (1 if q else 3)

@@ -562,8 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks overhead " + " ".join(argv if argv is not None else sys.argv[1:])
     text = report(rows, descriptions, command.strip(), fw) + "\n![step time against k](overhead.png)\n"
     print(text)
-    write_result(args.out / "overhead.md", text)
-    plot(rows, args.out / "overhead.png")
+    name = "overhead-quick" if args.quick else "overhead"  # --quick never overwrites the full results
+    write_result(args.out / f"{name}.md", text.replace("](overhead.png)", f"]({name}.png)"))
+    plot(rows, args.out / f"{name}.png")
     return 0
 
 

@@ -141,8 +141,10 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--train", type=int, default=None, help="training pairs")
     ap.add_argument("--methods", nargs="+", default=["mean", "mgda"])
     ap.add_argument("--rounds", type=int, default=None, help="timed steps per configuration")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sharing.md")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="markdown result (default results/sharing.md; --quick: results/sharing-quick.md)")
     args = ap.parse_args(argv)
+    args.out = args.out or Path(__file__).parent / "results" / ("sharing-quick.md" if args.quick else "sharing.md")
     seeds = args.seeds or (1 if args.quick else 3)
     epochs = args.epochs or (3 if args.quick else 15)
     n_train = args.train or (1000 if args.quick else 4000)

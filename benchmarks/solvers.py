@@ -135,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ])
     print(text)
+    name = "solvers-quick.md" if args.quick else "solvers.md"  # --quick never overwrites the full results
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "solvers.md").write_text(text)
-    print(f"wrote {args.out / 'solvers.md'}")
+    (args.out / name).write_text(text)
+    print(f"wrote {args.out / name}")
     return 0
 
 

@@ -38,7 +38,7 @@ def test_unknown_benchmark_is_refused(capsys):
 def test_a_benchmark_runs_through_the_entry_point(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADBALANCE_NO_PROGRESS", "1")
     assert main(["solvers", "--quick", "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "solvers.md").read_text().count("| ") > 3
+    assert (tmp_path / "solvers-quick.md").read_text().count("| ") > 3
 
 
 def test_module_invocation():
@@ -46,3 +46,19 @@ def test_module_invocation():
     assert run.returncode == 0 and "multidigits" in run.stdout
     run = subprocess.run([sys.executable, "-m", "benchmarks", "nope"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 2
+
+
+def test_quick_runs_never_overwrite_the_committed_results(tmp_path, monkeypatch):
+    """Every script's --quick writes *-quick files (what the README demo runs), not the full results."""
+    from benchmarks import mixed, multidigits, sharing
+
+    monkeypatch.setattr(multidigits, "RESULTS", tmp_path)
+    args = ["--quick"]
+    assert multidigits.main([*args, "--train", "32", "--test", "16", "--methods", "mean"])
+    assert (tmp_path / "multidigits-quick.md").exists() and not (tmp_path / "multidigits.md").exists()
+    monkeypatch.setattr(mixed, "RESULTS", tmp_path)
+    assert mixed.main([*args, "--methods", "mean"])
+    assert (tmp_path / "mixed-quick.md").exists() and not (tmp_path / "mixed.md").exists()
+    monkeypatch.setattr(sharing, "__file__", str(tmp_path / "benchmarks" / "sharing.py"))
+    sharing.main([*args, "--epochs", "1", "--train", "32", "--rounds", "1", "--methods", "mean"])
+    assert (tmp_path / "benchmarks" / "results" / "sharing-quick.md").exists()

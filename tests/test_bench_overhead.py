@@ -52,8 +52,8 @@ def _rows(text: str) -> list[str]:
 def test_quick_run_writes_a_row_per_configuration(tmp_path, capsys):
     methods = ["mgda", "mean", "upgrad", "pcgrad", "mgda_ub"]
     assert overhead.main(["--quick", "--ks", "2,3", "--methods", ",".join(methods), "--out", str(tmp_path)]) == 0
-    text = (tmp_path / "overhead.md").read_text()
-    assert (tmp_path / "overhead.png").stat().st_size > 0
+    text = (tmp_path / "overhead-quick.md").read_text()
+    assert (tmp_path / "overhead-quick.png").stat().st_size > 0
     rows = _rows(text)
     for method in methods:  # every method table row, with one cell per k
         (row,) = [r for r in rows if r.startswith(f"| {method} | ") and r.count("|") == 5]
@@ -94,7 +94,7 @@ def test_run_rows_have_positive_finite_ratios():
 def test_resnet_path_runs_on_cpu(tmp_path):
     assert overhead.main(["--quick", "--device", "cpu", "--model", "resnet", "--ks", "2",
                           "--methods", "mgda", "--no-sweep", "--out", str(tmp_path)]) == 0
-    text = (tmp_path / "overhead.md").read_text()
+    text = (tmp_path / "overhead-quick.md").read_text()
     assert "## resnet on cpu" in text
     (row,) = [r for r in _rows(text) if r.startswith("| mgda | ") and r.count("|") == 4]
     assert float(row.split("|")[2].split()[0]) > 0
