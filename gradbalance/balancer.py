@@ -135,6 +135,8 @@ class Balancer:
         self.engine = engine
         self.chunk_size = chunk_size
         self.accumulation = accumulation
+        self._warned_inexact = False
+        self._call_weights: Tensor | None = None  # the weights of the last backward call
         self.task_weights = task_weights
         self._params = params
         self._shared: list[Tensor] | None = (
@@ -352,6 +354,32 @@ class Balancer:
                 extras={"non_finite": str(err)},
             )
 
+    def _check_window_weights(self, prev, weights: Tensor) -> None:
+        """Warn (once) when a window's micro-batches get different weights.
+
+        On the paths that apply weights with one backward per call (loss weightings,
+        representation mode, a shared-parameter subset) each micro-batch's gradient is written
+        with the weights of its own call; the window equals one big batch exactly when those
+        weights do not change within it (e.g. weights from committed state: sum, mean, UW,
+        DWA, RLW, GradNorm). Otherwise say so, never silently.
+        """
+        last, self._call_weights = self._call_weights, weights.detach()
+        if prev is None or last is None or self._warned_inexact:
+            return
+        if last.shape == weights.shape and torch.equal(last, self._call_weights.to(last.device)):
+            return
+        self._warned_inexact = True
+        warnings.warn(
+            f"accumulation='exact': {type(self.method).__name__}'s weights changed within the "
+            "accumulation window (they depend on the current losses or on this micro-batch's "
+            "representation gradients), so the window is not exactly one big batch: each "
+            "micro-batch is weighted from the window's totals so far. Exactness would need the "
+            "k per-task gradients of every parameter kept from the first micro-batch; pass "
+            "accumulation='combine' to choose the per-micro-batch combination explicitly. See "
+            "the accumulation guide.",
+            UserWarning, stacklevel=5,
+        )
+
     # -- path 1: weights from losses and state only: one ordinary backward
     def _reuse_weights(self, names: tuple[str, ...]) -> bool:
         return (
@@ -371,6 +399,7 @@ class Balancer:
             TaskInputs(losses=losses, task_names=names, step=self.step_count)
         )
         weights = agg.weights
+        self._check_window_weights(prev, weights)
         reweight = agg.head_weights is not None and self._shared is not None
         grads = jacobian.weighted_gradients(values, weights, params, retain_graph=reweight)
         if reweight:
@@ -438,6 +467,7 @@ class Balancer:
         )
         if agg.weights is None:
             raise ValueError(f"{type(self.method).__name__} returns a direction, which needs mode='exact'")
+        self._check_window_weights(prev, agg.weights)
         out = jacobian.weighted_gradients(values, agg.weights, params,
                                           retain_graph=agg.head_weights is not None)
         if agg.head_weights is not None:

@@ -9,6 +9,7 @@ where the method is order-invariant.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -139,16 +140,42 @@ def test_accumulation_equals_one_big_batch(name):
     x, y = make_batch(K, n=32, seed=7)
     model, twin = MultiTaskNet(K), MultiTaskNet(K)
     opt, ref = _make(name, model, opt_cls=torch.optim.SGD), _make(name, twin, opt_cls=torch.optim.SGD)
-    for _ in range(2):
-        ref.zero_grad()
-        z, losses = task_losses(twin, x, y)
-        ref.backward(losses, features=z)
-        ref.step()
-        opt.zero_grad()
-        for part in range(4):
-            sl = slice(8 * part, 8 * part + 8)
-            z, losses = task_losses(model, x[sl], y[sl])
-            opt.backward([loss / 4 for loss in losses], features=z)
-        opt.step()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            ref.zero_grad()
+            z, losses = task_losses(twin, x, y)
+            ref.backward(losses, features=z)
+            ref.step()
+            _accumulate(opt, model, x, y)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+    assert not [w for w in caught if "accumulation='exact'" in str(w.message)]
+
+
+def _accumulate(opt, model, x, y, parts=4):
+    opt.zero_grad()
+    n = len(x) // parts
+    for part in range(parts):
+        sl = slice(n * part, n * part + n)
+        z, losses = task_losses(model, x[sl], y[sl])
+        opt.backward([loss / parts for loss in losses], features=z)
+    opt.step()
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if not _exact_accumulation(m)])
+def test_inexact_accumulation_is_never_silent(name):
+    """Representation mode and loss-dependent weightings: the window differs from the big batch; say so once."""
+    x, y = make_batch(K, n=32, seed=7)
+    model = MultiTaskNet(K)
+    opt = _make(name, model, opt_cls=torch.optim.SGD)
+    with pytest.warns(UserWarning, match="weights changed within the accumulation window") as caught:
+        for _ in range(2):
+            _accumulate(opt, model, x, y)
+    assert len([w for w in caught if "accumulation window" in str(w.message)]) == 1
+    other = MultiTaskNet(K)
+    combine = gb.GradBalance(torch.optim.SGD(other.parameters(), lr=0.05), name, shared_params=other.trunk,
+                             accumulation="combine")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*accumulation window.*")
+        _accumulate(combine, other, x, y)
