@@ -40,7 +40,7 @@ __all__ = ["Balancer", "Losses", "as_parameter_list"]
 
 Losses = Sequence[Tensor] | Mapping[str, Tensor | None]
 ENGINES = ("auto", "loop", "batched")
-ACCUMULATIONS = ("exact", "combine")
+ACCUMULATIONS = ("exact", "combine", "buffered")
 
 
 def as_parameter_list(params: Any, what: str = "shared_params") -> list[Tensor]:
@@ -309,7 +309,7 @@ class Balancer:
         method = self.method
         # this call's losses; ``prev``: the window's totals so far (exact accumulation)
         call = torch.stack([v.detach() for v in values]).double() / scale
-        prev = window.losses if (window is not None and self.accumulation == "exact") else None
+        prev = window.losses if (window is not None and self._keeps_window) else None
         inputs_losses = call if prev is None else call + prev
         if sync is not None:
             sync.bytes_sent = 0
@@ -317,7 +317,11 @@ class Balancer:
         try:
             if sync is not None and sync.fsdp:
                 return self._fsdp_step(names, values, params, call, prev, scale)
-            if method.requires == "losses":
+            buffered = self.accumulation == "buffered"
+            if buffered and sync is not None:
+                raise ValueError("accumulation='buffered' is not supported with distributed training yet; "
+                                 "use accumulation='exact'")
+            if method.requires == "losses" and not buffered:
                 return self._loss_step(names, values, params, call, prev, scale)
             if self._reuse_weights(names):
                 _, weights, head_weights = self._cached
@@ -326,12 +330,14 @@ class Balancer:
             if self._shared is None:
                 self._shared = self._infer_shared(values, params)
             shared = self._shared
-            if method.mode == "representation":
+            if method.mode == "representation" and not buffered:
                 return self._subset_step(names, values, params, call, prev, scale, features, None)
-            subset = method.shared_subset(shared)
-            if [id(p) for p in subset] != [id(p) for p in shared]:
+            subset = shared if method.mode == "representation" else method.shared_subset(shared)
+            partial = [id(p) for p in subset] != [id(p) for p in shared]
+            if partial and not buffered:
                 return self._subset_step(names, values, params, call, prev, scale, None, subset)
-            return self._exact_step(names, values, params, call, prev, scale, features)
+            return self._exact_step(names, values, params, call, prev, scale, features,
+                                    subset if partial else None)
         except _NonFinite as err:
             if not scaled:
                 raise
@@ -354,6 +360,21 @@ class Balancer:
                 extras={"non_finite": str(err)},
             )
 
+    @staticmethod
+    def _columns(shared: list[Tensor], subset: list[Tensor]) -> Tensor:
+        """The columns of the flattened (k, P) task gradients that belong to ``subset``."""
+        wanted, cols, start = {id(p) for p in subset}, [], 0
+        for p in shared:
+            if id(p) in wanted:
+                cols.append(torch.arange(start, start + p.numel()))
+            start += p.numel()
+        return torch.cat(cols)
+
+    @property
+    def _keeps_window(self) -> bool:
+        """Whether backward calls between two steps are combined on the window's totals."""
+        return self.accumulation in ("exact", "buffered")
+
     def _check_window_weights(self, prev, weights: Tensor) -> None:
         """Warn (once) when a window's micro-batches get different weights.
 
@@ -373,10 +394,10 @@ class Balancer:
             f"accumulation='exact': {type(self.method).__name__}'s weights changed within the "
             "accumulation window (they depend on the current losses or on this micro-batch's "
             "representation gradients), so the window is not exactly one big batch: each "
-            "micro-batch is weighted from the window's totals so far. Exactness would need the "
-            "k per-task gradients of every parameter kept from the first micro-batch; pass "
-            "accumulation='combine' to choose the per-micro-batch combination explicitly. See "
-            "the accumulation guide.",
+            "micro-batch is weighted from the window's totals so far. Pass "
+            "accumulation='buffered' for an exact window (the k per-task gradients of every "
+            "parameter, computed and kept on every step) or accumulation='combine' to choose "
+            "the per-micro-batch combination explicitly. See the accumulation guide.",
             UserWarning, stacklevel=5,
         )
 
@@ -432,7 +453,7 @@ class Balancer:
         if scale != 1.0:  # no (k, n) copy when there is no GradScaler
             grads = grads / scale
         sync, k = self.sync, len(names)
-        window = self._window if self.accumulation == "exact" else None
+        window = self._window if self._keeps_window else None
         summed_gram = None
         if sync is None:
             losses = self._total(names, call, prev)
@@ -483,8 +504,22 @@ class Balancer:
         return self._info(names, losses, agg, gram, engine)
 
     # -- path 3: exact task gradients on the shared parameters
-    def _exact_step(self, names, values, params, call, prev, scale, features) -> StepInfo:
+    def _exact_step(self, names, values, params, call, prev, scale, features, subset=None) -> StepInfo:
+        """Task gradients on every shared parameter; the method sees their Gram matrix (or,
+        with accumulation="buffered", that of the feature gradients in representation mode or
+        of a method's ``shared_subset``), and the window keeps them all, so it is exact."""
         shared = self._shared
+        feature_grads = None
+        if self.method.mode == "representation":  # only reached with accumulation="buffered"
+            if self.method.requires == "grads":
+                raise ValueError(f"accumulation='buffered' supports representation-mode methods that "
+                                 f"need the Gram matrix only, not {type(self.method).__name__}")
+            if features is None:
+                raise ValueError(
+                    f"{type(self.method).__name__} runs in representation mode: pass the shared "
+                    "representation as opt.backward(losses, features=z)"
+                )
+            feature_grads, _ = jacobian.feature_gradients(values, features)  # keeps the graph
         shared_ids = {id(p) for p in shared}
         heads = [p for p in params if id(p) not in shared_ids]
         engine = self._pick_engine(features, shared)
@@ -529,7 +564,7 @@ class Balancer:
         elif strategy == "reduce_scatter":  # keep P/R columns of the averaged gradients
             grads = sync.reduce_scatter_rows(grads)
         window = self._window
-        if window is not None and self.accumulation == "exact" and window.grads is not None:
+        if window is not None and self._keeps_window and window.grads is not None:
             grads = grads + window.grads
             head_grads = [
                 [a if b is None else (b if a is None else a + b) for a, b in zip(ra, rb)]
@@ -547,6 +582,17 @@ class Balancer:
         else:
             losses = self._total(names, call, prev)
             gram = self._gram(grads, names)
+        if feature_grads is not None or subset is not None:  # accumulation="buffered"
+            if feature_grads is not None:
+                part = feature_grads.double() / scale
+                side = None if window is None else window.gram
+            else:
+                part = grads[:, self._columns(shared, subset)].double()  # already summed over the window
+                side = None
+            sub_gram = part @ part.T
+            if side is not None:
+                sub_gram = sub_gram + side  # micro-batches hold disjoint rows of z
+            gram = self._checked_gram(sub_gram, names)
         agg = self._aggregate(
             TaskInputs(losses=losses, gram=gram, grads=grads if self.method.requires == "grads" else None,
                        task_names=names, step=self.step_count)
@@ -574,9 +620,10 @@ class Balancer:
             None if g is None else (g * scale if scale != 1.0 else g) for g in head_out
         ]
         targets = list(shared) + heads
-        previous = window.written if (window is not None and self.accumulation == "exact") else None
+        previous = window.written if (window is not None and self._keeps_window) else None
         self._write(targets, contribution, previous)
-        self._close(names, losses, agg, written=contribution, grads=grads, heads=head_grads)
+        self._close(names, losses, agg, written=contribution, grads=grads, heads=head_grads,
+                    gram=gram if feature_grads is not None else None)
         return self._info(names, losses, agg, gram, engine_name)
 
     # -- path 4: FSDP2. autograd.grad cannot reach sharded parameters: k ordinary backward passes
@@ -630,7 +677,7 @@ class Balancer:
             head_grads.append([None if g is None else local(g) / scale for g in task[n:]])
         grads = torch.stack(rows) / scale
         window = self._window
-        if window is not None and self.accumulation == "exact" and window.grads is not None:
+        if window is not None and self._keeps_window and window.grads is not None:
             grads = grads + window.grads
             head_grads = [
                 [a if b is None else (b if a is None else a + b) for a, b in zip(ra, rb)]
@@ -662,7 +709,7 @@ class Balancer:
         contribution = [
             None if g is None else (g * scale if scale != 1.0 else g) for g in new + head_out
         ]
-        previous = window.written if (window is not None and self.accumulation == "exact") else None
+        previous = window.written if (window is not None and self._keeps_window) else None
         self._write(shared + heads, contribution, previous)
         self._close(names, losses, agg, written=contribution, grads=grads, heads=head_grads)
         return self._info(names, losses, agg, gram, "fsdp")
@@ -793,7 +840,7 @@ class Balancer:
                commit: bool = True, gram: Tensor | None = None) -> None:
         """Record the window's totals and the pending method state (nothing before this line
         of a step changes any state)."""
-        exact = self.accumulation == "exact"
+        exact = self._keeps_window
         window = self._window if self._window is not None else _Window(names=names, losses=losses)
         window.losses = losses  # in "combine" mode only the current call's losses matter
         if exact:

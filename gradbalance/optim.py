@@ -51,9 +51,13 @@ class GradBalance(torch.optim.Optimizer):
         accumulation: ``"exact"`` (default: the losses, and for methods on the exact path the
             task gradients, are summed over the ``backward`` calls before one ``step`` and the
             method re-run on the totals, which gives the update of the concatenated batch for
-            those methods; keeps the ``k x P`` task gradients until the step; see the
-            accumulation guide for loss-only and representation-mode methods) or
-            ``"combine"`` (each call combined on its own, results summed).
+            those methods; keeps the ``k x P`` task gradients until the step; for loss-only
+            methods whose weights depend on the current losses and for representation mode
+            each call is weighted from the totals so far, and a warning says so once),
+            ``"buffered"`` (exact for every method: the per-task gradients of every parameter
+            are computed and kept on every step, at the exact engine's cost even for loss-only
+            and representation-mode methods; not yet with ``distributed``) or ``"combine"``
+            (each call combined on its own, results summed; nothing kept).
         update_every: for methods that need per-task gradients, recompute the weights every
             ``update_every`` steps and reuse the last ones in between, at the cost of one
             ordinary backward (``StepInfo.engine == "reused"``). Default 1 (every step).

@@ -216,6 +216,15 @@ def _worker(rank: int, port: int, path: str) -> None:
         res["seed_check"] = "no error"
     except ValueError as err:
         res["seed_check"] = str(err)
+    try:  # buffered accumulation is single-process only for now: a clear error, nothing written
+        model = MultiTaskNet(K, seed=0)
+        opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.1), "mean",
+                             shared_params=model.trunk, accumulation="buffered")
+        z, losses = task_losses(model, *batch(0, rank))
+        opt.backward(losses, features=z)
+        res["buffered"] = "no error"
+    except ValueError as err:
+        res["buffered"] = str(err) + ("" if all(p.grad is None for p in model.parameters()) else " (grad written)")
     for name in ("mean", "gram", "sign"):  # a NaN loss on rank 0 only: every rank raises
         model = MultiTaskNet(K, seed=0)
         opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.1), make(name),
@@ -382,6 +391,11 @@ def test_nan_loss_on_one_rank_raises_on_every_rank(runs, name):
     for r in range(WORLD):
         assert "task1" in runs[r][("nan", name)] and "NaN or inf" in runs[r][("nan", name)]
         assert all(g is None for g in runs[r][("nan-grads", name)])
+
+
+def test_buffered_accumulation_is_refused_under_distributed(runs):
+    for r in range(WORLD):
+        assert runs[r]["buffered"].startswith("accumulation='buffered' is not supported with distributed")
 
 
 def test_different_method_state_is_caught_on_every_rank(runs):
