@@ -115,15 +115,18 @@ def test_overflow_under_scaler_changes_nothing(name):
     _assert_nested_equal(method_state, opt.state_dict())
 
 
-def _assert_nested_equal(a, b):
+def _assert_nested_equal(a, b, close: bool = False):
+    """Equal method states (bit for bit, or to float tolerance with ``close``)."""
     if isinstance(a, dict):
         assert a.keys() == b.keys()
         for key in a:
-            _assert_nested_equal(a[key], b[key])
+            _assert_nested_equal(a[key], b[key], close)
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b)
         for u, v in zip(a, b):
-            _assert_nested_equal(u, v)
+            _assert_nested_equal(u, v, close)
+    elif torch.is_tensor(a) and close:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     elif torch.is_tensor(a):
         assert torch.equal(a, b)
     else:
@@ -135,11 +138,13 @@ def _exact_accumulation(name: str) -> bool:
     return method.mode == "exact" and not getattr(method, "loss_dependent", False)
 
 
-@pytest.mark.parametrize("name", [m for m in METHODS if _exact_accumulation(m)])
-def test_accumulation_equals_one_big_batch(name):
+def _accumulated_equals_big_batch(name: str, accumulation: str):
+    """Two steps of 4 micro-batches against two steps of one big batch: parameters and state."""
     x, y = make_batch(K, n=32, seed=7)
     model, twin = MultiTaskNet(K), MultiTaskNet(K)
-    opt, ref = _make(name, model, opt_cls=torch.optim.SGD), _make(name, twin, opt_cls=torch.optim.SGD)
+    opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.05), name, shared_params=model.trunk,
+                         accumulation=accumulation)
+    ref = _make(name, twin, opt_cls=torch.optim.SGD)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
@@ -150,7 +155,19 @@ def test_accumulation_equals_one_big_batch(name):
             _accumulate(opt, model, x, y)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
-    assert not [w for w in caught if "accumulation='exact'" in str(w.message)]
+    _assert_nested_equal(opt.method.state_dict(), ref.method.state_dict(), close=True)
+    assert not [w for w in caught if "accumulation window" in str(w.message)]
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if _exact_accumulation(m)])
+def test_accumulation_equals_one_big_batch(name):
+    _accumulated_equals_big_batch(name, "exact")
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_buffered_accumulation_equals_one_big_batch_for_every_method(name):
+    """accumulation='buffered' keeps every parameter's per-task gradients: exact for all methods."""
+    _accumulated_equals_big_batch(name, "buffered")
 
 
 def _accumulate(opt, model, x, y, parts=4):
@@ -179,44 +196,3 @@ def test_inexact_accumulation_is_never_silent(name):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*accumulation window.*")
         _accumulate(combine, other, x, y)
-
-
-@pytest.mark.parametrize("name", METHODS)
-def test_buffered_accumulation_equals_one_big_batch_for_every_method(name):
-    """accumulation='buffered' keeps every parameter's per-task gradients: exact for all methods."""
-    x, y = make_batch(K, n=32, seed=7)
-    model, twin = MultiTaskNet(K), MultiTaskNet(K)
-    opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.05), name, shared_params=model.trunk,
-                         accumulation="buffered")
-    ref = _make(name, twin, opt_cls=torch.optim.SGD)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(2):
-            ref.zero_grad()
-            z, losses = task_losses(twin, x, y)
-            ref.backward(losses, features=z)
-            ref.step()
-            _accumulate(opt, model, x, y)
-    for p, q in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
-    assert not [w for w in caught if "accumulation window" in str(w.message)]
-    assert_method_states_equal(opt, ref)
-
-
-def assert_method_states_equal(a, b):
-    _assert_close_nested(a.method.state_dict(), b.method.state_dict())
-
-
-def _assert_close_nested(a, b):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            _assert_close_nested(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for u, v in zip(a, b):
-            _assert_close_nested(u, v)
-    elif torch.is_tensor(a):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    else:
-        assert a == b
