@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from benchmarks.common import RESULTS, environment, markdown_table, mean_std, write_result
 from benchmarks.data import AGE_BINS, diabetes_mixed, utkface
 from benchmarks.models import cnn_mixed, mlp_mixed
-from benchmarks.training import bar_plot, default_methods, fit, predict, preflight, standard_error_gaps
+from benchmarks.training import bar_plot, predict, select_methods, standard_error_gaps, train_seeds
 
 
 def loss_fn(outs, ys):
@@ -148,30 +148,11 @@ def main(argv: list[str] | None = None) -> str:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     train, test, names, make_model, desc = load(args)
-    if args.methods is None:
-        wanted, skipped = default_methods()
-    else:
-        wanted, skipped = list(dict.fromkeys(args.methods)), []
-    methods, failed = preflight(wanted, make_model, [t[:8] for t in train.tensors], loss_fn)
-    skipped += failed
+    methods, skipped = select_methods(args.methods, make_model, [t[:8] for t in train.tensors], loss_fn)
     x_test, *y_test = test.tensors
-
-    results = {}
-    for m in methods:
-        vals = {t: [] for t in names}
-        walls, cpus = [], []
-        for seed in range(args.seeds):
-            torch.manual_seed(seed)
-            model = make_model()
-            w, c = fit(model, m, train, loss_fn, epochs=args.epochs, batch=args.batch, lr=args.lr, seed=seed,
-                       desc=f"{m} seed {seed}")
-            walls += w
-            cpus += c
-            for t, v in metrics(predict(model, x_test), y_test, names).items():
-                vals[t].append(v)
-        results[m] = {**vals, "wall": statistics.fmean(walls), "cpu": statistics.fmean(cpus)}
-        print(f"{m:16s} " + " ".join(f"{t} {mean_std(vals[t])}" for t in names)
-              + f" wall {results[m]['wall']:.3f} s/epoch", file=sys.stderr, flush=True)
+    results = train_seeds(methods, make_model, train, loss_fn,
+                          lambda model: metrics(predict(model, x_test), y_test, names),
+                          seeds=args.seeds, epochs=args.epochs, batch=args.batch, lr=args.lr)
 
     base = constant_baseline(train, test, names)
     torch.manual_seed(0)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from benchmarks.common import RESULTS, environment, markdown_table, mean_std, write_result
 from benchmarks.data import digit_side, multidigits
 from benchmarks.models import lenet
-from benchmarks.training import bar_plot, default_methods, fit, predict, preflight, standard_error_gaps
+from benchmarks.training import bar_plot, predict, select_methods, standard_error_gaps, train_seeds
 
 TASKS = ("left", "right")
 #: MGDA paper (Sener & Koltun 2018), Table: MultiMNIST test accuracy (%) left / right
@@ -101,29 +101,11 @@ def main(argv: list[str] | None = None) -> str:
     def make_model():
         return lenet(args.size)
 
-    if args.methods is None:
-        wanted, skipped = default_methods()
-    else:
-        wanted, skipped = list(dict.fromkeys(args.methods)), []
-    probe = [t[:8] for t in train.tensors]
-    methods, failed = preflight(wanted, make_model, probe, loss_fn)
-    skipped += failed
-
-    results = {}
-    for m in methods:
-        accs, walls, cpus = {t: [] for t in TASKS}, [], []
-        for seed in range(args.seeds):
-            torch.manual_seed(seed)
-            model = make_model()
-            w, c = fit(model, m, train, loss_fn, epochs=args.epochs, batch=args.batch, lr=args.lr, seed=seed,
-                       desc=f"{m} seed {seed}")
-            walls += w
-            cpus += c
-            for t, a in accuracy(model, test).items():
-                accs[t].append(a)
-        results[m] = {"acc": accs, "wall": statistics.fmean(walls), "cpu": statistics.fmean(cpus)}
-        print(f"{m:16s} left {mean_std(accs['left'])} right {mean_std(accs['right'])} "
-              f"wall {results[m]['wall']:.2f} s/epoch", file=sys.stderr, flush=True)
+    methods, skipped = select_methods(args.methods, make_model, [t[:8] for t in train.tensors], loss_fn)
+    results = train_seeds(methods, make_model, train, loss_fn, lambda model: accuracy(model, test),
+                          seeds=args.seeds, epochs=args.epochs, batch=args.batch, lr=args.lr)
+    for m in methods:  # {"left": [...], "right": [...], "wall", "cpu"} -> {"acc": {...}, ...}
+        results[m] = {"acc": {t: results[m][t] for t in TASKS}, "wall": results[m]["wall"], "cpu": results[m]["cpu"]}
 
     rows = [(m, mean_std(results[m]["acc"]["left"]), mean_std(results[m]["acc"]["right"]),
              f"{results[m]['wall']:.2f}", f"{results[m]['cpu']:.2f}") for m in methods]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import gradbalance as gb
-from benchmarks.common import progress, seed_everything
+from benchmarks.common import mean_std, progress, seed_everything
 
 LossFn = Callable[[list[torch.Tensor], Sequence[torch.Tensor]], list[torch.Tensor]]
 
@@ -85,6 +86,42 @@ def fit(model: nn.Module, method: str, train: TensorDataset, loss_fn: LossFn, *,
         cpus.append(time.process_time() - c0)
     model.eval()
     return walls, cpus
+
+
+def select_methods(requested: Sequence[str] | None, make_model: Callable[[], nn.Module],
+                   probe: Sequence[torch.Tensor], loss_fn: LossFn) -> tuple[list[str], list[tuple[str, str]]]:
+    """The methods to run (every registered one when ``requested`` is None) and the skipped ones
+    with their reasons (aliases, unknown names, methods that fail a two-step preflight)."""
+    if requested is None:
+        wanted, skipped = default_methods()
+    else:
+        wanted, skipped = list(dict.fromkeys(requested)), []
+    methods, failed = preflight(wanted, make_model, probe, loss_fn)
+    return methods, skipped + failed
+
+
+def train_seeds(methods: Sequence[str], make_model: Callable[[], nn.Module], train: TensorDataset,
+                loss_fn: LossFn, evaluate: Callable[[nn.Module], dict[str, float]], *, seeds: int,
+                epochs: int, batch: int, lr: float) -> dict[str, dict]:
+    """Train every method from seeds ``0..seeds-1``; per method, each metric's values over the
+    seeds and the mean wall/CPU seconds of an epoch. Prints one line per method to stderr."""
+    results = {}
+    for m in methods:
+        values: dict[str, list[float]] = {}
+        walls, cpus = [], []
+        for seed in range(seeds):
+            torch.manual_seed(seed)
+            model = make_model()
+            w, c = fit(model, m, train, loss_fn, epochs=epochs, batch=batch, lr=lr, seed=seed,
+                       desc=f"{m} seed {seed}")
+            walls += w
+            cpus += c
+            for t, v in evaluate(model).items():
+                values.setdefault(t, []).append(v)
+        results[m] = {**values, "wall": statistics.fmean(walls), "cpu": statistics.fmean(cpus)}
+        print(f"{m:16s} " + " ".join(f"{t} {mean_std(v)}" for t, v in values.items())
+              + f" wall {results[m]['wall']:.3f} s/epoch", file=sys.stderr, flush=True)
+    return results
 
 
 @torch.no_grad()
