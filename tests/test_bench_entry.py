@@ -62,3 +62,19 @@ def test_quick_runs_never_overwrite_the_committed_results(tmp_path, monkeypatch)
     monkeypatch.setattr(sharing, "__file__", str(tmp_path / "benchmarks" / "sharing.py"))
     sharing.main([*args, "--epochs", "1", "--train", "32", "--rounds", "1", "--methods", "mean"])
     assert (tmp_path / "benchmarks" / "results" / "sharing-quick.md").exists()
+
+
+def test_ddp_example_trains_and_benchmarks_on_two_processes():
+    """`python -m benchmarks ddp` launches 2 gloo ranks: they stay identical, and the bench counts bytes."""
+    run = subprocess.run([sys.executable, "-m", "benchmarks", "ddp", "--epochs", "1", "--n-train", "256",
+                          "--n-test", "64"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "ranks identical: True" in run.stdout
+    run = subprocess.run([sys.executable, "-m", "benchmarks", "ddp", "--bench", "--steps", "2", "--n-train", "256"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1] for line in run.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    # plain DDP's ring all-reduce of P = 30,330 float32 gradients, and the exact path sends more
+    assert int(rows["plain DDP"].replace(",", "")) == 145_800
+    assert int(rows["allreduce"].replace(",", "")) > int(rows["plain DDP"].replace(",", ""))
