@@ -315,12 +315,12 @@ class Balancer:
             sync.bytes_sent = 0
             sync.check(names, method, self.step_count, params)
         try:
-            if sync is not None and sync.fsdp:
-                return self._fsdp_step(names, values, params, call, prev, scale)
             buffered = self.accumulation == "buffered"
             if buffered and sync is not None:
                 raise ValueError("accumulation='buffered' is not supported with distributed training yet; "
                                  "use accumulation='exact'")
+            if sync is not None and sync.fsdp:
+                return self._fsdp_step(names, values, params, call, prev, scale)
             if method.requires == "losses" and not buffered:
                 return self._loss_step(names, values, params, call, prev, scale)
             if self._reuse_weights(names):
@@ -640,6 +640,7 @@ class Balancer:
         if method.requires == "losses":
             losses = self._total(names, sync.mean(call), prev)
             agg = self._aggregate(TaskInputs(losses=losses, task_names=names, step=self.step_count))
+            self._check_window_weights(prev, agg.weights)
             totals = [torch.stack(values).mul(agg.weights.to(values[0].dtype)).sum()]
             if agg.head_weights is not None:
                 totals.append(torch.stack(values).mul(agg.head_weights.to(values[0].dtype)).sum())

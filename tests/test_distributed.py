@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from datetime import timedelta
 
 import pytest
@@ -243,6 +244,10 @@ def _worker(rank: int, port: int, path: str) -> None:
             res[("fsdp", name)] = attempt(name, rank, "fsdp", steps=COMPARE_AT)
     res[("fsdp-accumulate", "gram")] = attempt("gram", rank, "fsdp", steps=COMPARE_AT, micro=2)
     res[("fsdp-keep", "gram")] = attempt("gram", rank, "fsdp-keep", steps=COMPARE_AT)
+    with warnings.catch_warnings(record=True) as caught:  # a loss-dependent weighting under FSDP
+        warnings.simplefilter("always")
+        attempt("gls", rank, "fsdp", steps=2, micro=2)
+    res["fsdp-accumulate-warnings"] = [str(w.message) for w in caught if "accumulation window" in str(w.message)]
     torch.save(res, f"{path}.{rank}")
     dist.destroy_process_group()
 
@@ -391,6 +396,11 @@ def test_nan_loss_on_one_rank_raises_on_every_rank(runs, name):
     for r in range(WORLD):
         assert "task1" in runs[r][("nan", name)] and "NaN or inf" in runs[r][("nan", name)]
         assert all(g is None for g in runs[r][("nan-grads", name)])
+
+
+def test_inexact_accumulation_warns_under_fsdp_too(runs):
+    for r in range(WORLD):
+        assert len(runs[r]["fsdp-accumulate-warnings"]) == 1
 
 
 def test_buffered_accumulation_is_refused_under_distributed(runs):
