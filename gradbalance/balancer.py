@@ -579,20 +579,20 @@ class Balancer:
                 buf[: k * k] /= sync.world
             gram = self._checked_gram(buf[: k * k].view(k, k), names)
             losses = self._total(names, buf[k * k :], prev)
+        elif feature_grads is not None:  # accumulation="buffered", representation mode
+            losses = self._total(names, call, prev)
+            part = feature_grads.double() / scale
+            gram = part @ part.T
+            if window is not None and window.gram is not None:
+                gram = gram + window.gram  # micro-batches hold disjoint rows of z
+            gram = self._checked_gram(gram, names)
+        elif subset is not None:  # accumulation="buffered", a method's shared_subset
+            losses = self._total(names, call, prev)
+            part = grads[:, self._columns(shared, subset)]  # already summed over the window
+            gram = self._gram(part, names)
         else:
             losses = self._total(names, call, prev)
             gram = self._gram(grads, names)
-        if feature_grads is not None or subset is not None:  # accumulation="buffered"
-            if feature_grads is not None:
-                part = feature_grads.double() / scale
-                side = None if window is None else window.gram
-            else:
-                part = grads[:, self._columns(shared, subset)].double()  # already summed over the window
-                side = None
-            sub_gram = part @ part.T
-            if side is not None:
-                sub_gram = sub_gram + side  # micro-batches hold disjoint rows of z
-            gram = self._checked_gram(sub_gram, names)
         agg = self._aggregate(
             TaskInputs(losses=losses, gram=gram, grads=grads if self.method.requires == "grads" else None,
                        task_names=names, step=self.step_count)
