@@ -40,13 +40,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["STRATEGIES", "Sync", "resolve"]
+from gradbalance.errors import RankMismatchError
+from gradbalance.inputs import check_finite_losses
+from gradbalance.paths.reduce import Local, Reducer
+
+__all__ = ["STRATEGIES", "AllReduce", "DistributedReducer", "LocalGram", "ReduceScatter", "Sync", "make_reducer",
+           "resolve"]
 
 STRATEGIES = ("auto", "off", "allreduce", "reduce_scatter", "local_gram")
 
 
 
-def _collective(new: str, old: str):
+def _collective(new: str, old: str) -> Any:
     """torch 2.13 renamed some collectives (the old names warn); older torch has only the old."""
     return getattr(dist, new, None) or getattr(dist, old)
 
@@ -241,9 +246,139 @@ class Sync:
         dist.all_gather_object(every, mine, group=self.group)
         bad = sorted({key for other in every for key in mine if other[key] != every[0][key]})
         if bad:
-            raise ValueError(
+            raise RankMismatchError(
                 f"gradbalance: ranks disagree on {bad} at the first step; every rank must pass the "
                 "same tasks, build the method with the same arguments and seed, and start from the "
                 "same parameters (DDP broadcasts them from rank 0; without DDP, broadcast them)"
             )
         self.checked = True
+
+
+# ---------------------------------------------------------------------------- reducers
+class DistributedReducer(Reducer):
+    """The collectives every strategy shares (see :mod:`gradbalance.paths.reduce` for the map).
+
+    Subclasses differ on the exact path only: how the ``k x P`` task gradients are shared.
+    """
+
+    distributed = True
+
+    def __init__(self, sync: Sync) -> None:
+        self.sync = sync
+        self.fsdp = sync.fsdp
+
+    def begin(self, names: Sequence[str], method: Any, step: int, params: Sequence[Tensor]) -> None:
+        self.sync.bytes_sent = 0
+        self.sync.check(names, method, step, params)
+
+    def check_call(self, names: Sequence[str], call: Tensor) -> None:
+        """Nothing yet: the averaged losses are checked, so that every rank raises together."""
+
+    def check_total(self, names: Sequence[str], total: Tensor) -> None:
+        check_finite_losses(names, total)
+
+    def mean(self, call: Tensor) -> Tensor:
+        return self.sync.mean(call)
+
+    def mean_present(self, grads: list[Tensor | None], params: Sequence[Tensor]) -> list[Tensor | None]:
+        return self.sync.mean_present(grads, params)
+
+    def feature_gram(self, grads: Tensor, call: Tensor, method: Any) -> tuple[Tensor, Tensor]:
+        if method.requires == "grads":
+            raise ValueError(
+                f"{type(method).__name__} needs the gradients on the features themselves, which are "
+                "split across ranks; distributed training supports representation mode for methods "
+                "with requires='gram' or 'losses'"
+            )
+        k = call.numel()
+        # rows of z are samples: the global batch's Gram is the sum of the local ones / R^2
+        buf = self.sync.sum_(torch.cat([(grads @ grads.T).double().reshape(-1), call]))
+        return buf[: k * k].view(k, k) / self.sync.world**2, buf[k * k :] / self.sync.world
+
+    def mean_rows(self, grads: Tensor, call: Tensor) -> tuple[Tensor, Tensor]:
+        k = call.numel()
+        buf = self.sync.mean(torch.cat([grads.reshape(-1), call.to(grads.dtype)]))
+        return buf[:-k].view(k, -1), buf[-k:].double()
+
+    def finish(
+        self, new: list[Tensor | None], head_out: list[Tensor | None], shared: Sequence[Tensor],
+        heads: Sequence[Tensor],
+    ) -> tuple[list[Tensor | None], list[Tensor | None]]:
+        # the head gradients stayed local: average their combination once
+        return new, self.sync.mean_present(head_out, heads)
+
+    def extras(self) -> dict[str, Any]:
+        return {
+            "distributed": self.sync.strategy + (" (fsdp)" if self.sync.fsdp else ""),
+            "comm_bytes": self.sync.bytes_sent,
+        }
+
+
+class AllReduce(DistributedReducer):
+    """``"allreduce"``: one flat buffer of every task gradient and the losses, averaged."""
+
+    def share_task_grads(self, grads: Tensor, call: Tensor) -> tuple[Tensor, Tensor]:
+        k, width = grads.shape
+        buf = self.sync.mean(torch.cat([grads.reshape(-1), call.to(grads.dtype)]))
+        return buf[:-k].view(k, width), buf[-k:].double()
+
+
+class _SummedGram(DistributedReducer):
+    """The strategies whose method sees a Gram summed over the ranks (no full ``G`` anywhere)."""
+
+    gram_divisor_power = 0
+
+    def exact_gram(self, grads: Tensor, call: Tensor) -> tuple[Tensor, Tensor]:
+        k = call.numel()
+        buf = self.sync.sum_(torch.cat([(grads @ grads.T).double().reshape(-1), call]))
+        buf[k * k :] /= self.sync.world
+        if self.gram_divisor_power:
+            buf[: k * k] /= self.sync.world**self.gram_divisor_power
+        return buf[: k * k].view(k, k), buf[k * k :]
+
+    def check_direction(self, method_name: str) -> None:
+        raise ValueError(
+            f"{method_name} returned a direction, which needs the full task gradients: use "
+            f"distributed='allreduce', not {self.sync.strategy!r}"
+        )
+
+
+class ReduceScatter(_SummedGram):
+    """``"reduce_scatter"``: each rank keeps ``P/R`` columns of the averaged gradients; the sum
+    of the shards' Grams is the exact Gram; the direction is all-gathered."""
+
+    def share_task_grads(self, grads: Tensor, call: Tensor) -> tuple[Tensor, Tensor]:
+        return self.sync.reduce_scatter_rows(grads), call
+
+    def gather_direction(self, direction: Tensor, width: int) -> Tensor:
+        return self.sync.all_gather_columns(direction, width)
+
+
+class LocalGram(_SummedGram):
+    """``"local_gram"``: the mean of the ranks' own Grams (biased, documented); the local
+    combination is averaged once, shared and heads together."""
+
+    gram_divisor_power = 1
+
+    def finish(
+        self, new: list[Tensor | None], head_out: list[Tensor | None], shared: Sequence[Tensor],
+        heads: Sequence[Tensor],
+    ) -> tuple[list[Tensor | None], list[Tensor | None]]:
+        out = self.sync.mean_present(new + head_out, list(shared) + list(heads))
+        return out[: len(shared)], out[len(shared) :]
+
+
+_REDUCERS: dict[str, type[DistributedReducer]] = {
+    "allreduce": AllReduce,
+    "reduce_scatter": ReduceScatter,
+    "local_gram": LocalGram,
+}
+
+
+def make_reducer(strategy: str, group: Any, requires: str, params: Sequence[Tensor]) -> Reducer:
+    """The reducer of a balancer: :class:`~gradbalance.paths.reduce.Local` for single-process
+    training, else the strategy's (see :func:`resolve`)."""
+    sync = resolve(strategy, group, requires, params)
+    if sync is None:
+        return Local()
+    return _REDUCERS[sync.strategy](sync)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -10,9 +11,11 @@ import torch
 from torch import Tensor
 
 from gradbalance import jacobian
-from gradbalance.balancer import Balancer, Losses, as_parameter_list
+from gradbalance.balancer import Balancer
 from gradbalance.info import StepInfo
-from gradbalance.methods.base import Method
+from gradbalance.inputs import Losses, as_parameter_list
+from gradbalance.methods.base import Method, make_method
+from gradbalance.options import Options
 
 __all__ = ["GradBalance", "backward"]
 
@@ -46,21 +49,31 @@ class GradBalance(torch.optim.Optimizer):
             accelerator when ``features=`` is given, else the loop; see the engines guide).
         chunk_size: at most this many tasks per batched call; bounds the batched engine's extra
             memory at ``chunk_size x P``. ``None``: all tasks at once.
-        task_weights: static task weights applied to the losses before the method (a sequence,
-            or a dict ``{task name: weight}``).
+        task_weights: static task weights applied to the losses before the method: a sequence
+            of one positive number per task, or a dict ``{task name: weight}`` (missing names: 1).
+            Every weight must be finite and > 0; a dict key that names no task of the first step
+            raises.
         accumulation: ``"exact"`` (default: the losses, and for methods on the exact path the
             task gradients, are summed over the ``backward`` calls before one ``step`` and the
             method re-run on the totals, which gives the update of the concatenated batch for
             those methods; keeps the ``k x P`` task gradients until the step; for loss-only
-            methods whose weights depend on the current losses and for representation mode
-            each call is weighted from the totals so far, and a warning says so once),
+            methods and for representation mode each call is written with the weights computed
+            from the window's totals so far (the summed losses; representation mode: the window's
+            summed Gram of the feature gradients) and earlier calls are not re-weighted, which is
+            exact when the weights do not change within the window; a warning says so once when
+            they do),
             ``"buffered"`` (exact for every method: the per-task gradients of every parameter
             are computed and kept on every step, at the exact engine's cost even for loss-only
             and representation-mode methods; not yet with ``distributed``) or ``"combine"``
             (each call combined on its own, results summed; nothing kept).
-        update_every: for methods that need per-task gradients, recompute the weights every
-            ``update_every`` steps and reuse the last ones in between, at the cost of one
-            ordinary backward (``StepInfo.engine == "reused"``). Default 1 (every step).
+        recompute_every: for methods that need per-task gradients, recompute the weights every
+            ``recompute_every`` optimizer steps and reuse the last ones in between, at the cost of
+            one ordinary backward (``StepInfo.engine == "reused"``, ``extras["reused"] == 1``;
+            the computing steps report ``extras["reused"] == 0``). Default 1 (every step).
+            Methods that return a direction (GradDrop) have no weights to reuse: a warning says
+            so and every step computes. Not Nash-MTL's own ``update_every``, which computes the
+            Gram matrix on every step and only skips its solver in between.
+        update_every: the old name of ``recompute_every`` (accepted, with a DeprecationWarning).
         distributed: multi-process training (see the distributed guide): ``"auto"`` (default:
             on when ``torch.distributed`` is initialised with more than one rank; exact, with
             ``"reduce_scatter"`` for Gram-based methods on NCCL and ``"allreduce"`` otherwise),
@@ -71,11 +84,16 @@ class GradBalance(torch.optim.Optimizer):
             Per-task gradients never fire DDP's hooks, so no ``no_sync()`` is needed.
         process_group: the ``torch.distributed`` process group to average over (default group).
 
+    The keyword arguments after ``shared_params`` are the fields of
+    :class:`~gradbalance.options.Options`, validated there once.
+
     Raises:
-        TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``, or bad argument types.
-        ValueError: unknown method name (the message lists the valid ones), bad engine,
-            chunk size or accumulation mode, empty shared parameters, or shared parameters the
-            optimizer does not hold.
+        TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``; an option of the wrong type
+            (e.g. ``engine=1``, ``chunk_size=2.0``, ``recompute_every="3"``).
+        ValueError: unknown method name (the message lists the valid ones), an option out of
+            range (unknown engine, accumulation or strategy, ``chunk_size < 1``,
+            ``recompute_every < 1``, a task weight that is not finite and > 0), empty shared
+            parameters, or shared parameters the optimizer does not hold.
 
     Example:
         >>> import torch, gradbalance as gb
@@ -99,9 +117,10 @@ class GradBalance(torch.optim.Optimizer):
         chunk_size: int | None = None,
         task_weights: Sequence[float] | Mapping[str, float] | None = None,
         accumulation: str = "exact",
-        update_every: int = 1,
+        recompute_every: int = 1,
         distributed: str = "auto",
         process_group: Any = None,
+        update_every: int | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -112,25 +131,19 @@ class GradBalance(torch.optim.Optimizer):
         self.optimizer = optimizer
         # Optimizer.__init__ would build param groups of its own; we only need its hook tables
         # and its step patching (so step hooks and profilers see this wrapper like any optimizer).
-        self._optimizer_step_pre_hooks: dict = OrderedDict()
-        self._optimizer_step_post_hooks: dict = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict = OrderedDict()
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
-        self._balancer = Balancer(
-            method,
-            shared_params,
-            self._optimizer_params,
-            engine=engine,
-            chunk_size=chunk_size,
-            task_weights=task_weights,
-            accumulation=accumulation,
+        options = Options.build(
+            engine=engine, chunk_size=chunk_size, task_weights=task_weights, accumulation=accumulation,
+            recompute_every=recompute_every, distributed=distributed, process_group=process_group,
             update_every=update_every,
-            distributed=distributed,
-            process_group=process_group,
         )
+        self._balancer = Balancer(method, shared_params, self._optimizer_params, options)
         self._balancer.validate_shared(self._optimizer_params())
         self.last_info: StepInfo | None = None
 
@@ -168,6 +181,11 @@ class GradBalance(torch.optim.Optimizer):
     def shared_params(self) -> list[Tensor] | None:
         """The shared parameters (``None`` until inferred on the first step that needs them)."""
         return self._balancer.shared_params
+
+    @property
+    def options(self) -> Options:
+        """The validated :class:`~gradbalance.options.Options` (engine, accumulation, ...)."""
+        return self._balancer.options
 
     def _optimizer_params(self) -> list[Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -252,6 +270,21 @@ class GradBalance(torch.optim.Optimizer):
         return info
 
 
+# The functional API's step count, per method object (see ``backward``); entries go with the method.
+_FUNCTIONAL_STEPS: dict[int, int] = {}
+
+
+def _functional_step(method: Method) -> int:
+    return _FUNCTIONAL_STEPS.get(id(method), 0)
+
+
+def _set_functional_step(method: Method, step: int) -> None:
+    key = id(method)
+    if key not in _FUNCTIONAL_STEPS:
+        weakref.finalize(method, _FUNCTIONAL_STEPS.pop, key, None)
+    _FUNCTIONAL_STEPS[key] = step
+
+
 def backward(
     losses: Losses,
     shared_params: Any,
@@ -259,37 +292,51 @@ def backward(
     *,
     params: Any = None,
     features: Tensor | None = None,
+    step: int | None = None,
     engine: str = "auto",
     chunk_size: int | None = None,
+    task_weights: Sequence[float] | Mapping[str, float] | None = None,
     distributed: str = "auto",
     process_group: Any = None,
 ) -> StepInfo:
     """Balance ``losses`` and add the result to ``.grad``, without an optimizer wrapper.
 
     The functional twin of :meth:`GradBalance.backward` for hand-written training loops. The
-    method's state (if any) is committed at once, so pass the same method object every step.
+    method's state (if any) is committed at once, so pass the same method object every step:
+    the step count that methods read (Nash-MTL's ``update_every``, STCH's ``warmup_steps``,
+    DWA's epoch window) is kept per method object and advanced by one per call, exactly as the
+    wrapper advances it per optimizer step. A method given by name is a new object each call,
+    so it always starts at step 0 unless ``step=`` says otherwise.
+
+    The argument order follows :func:`torch.autograd.grad` (what to differentiate, then with
+    respect to what), with ``method`` third because it has a default; the wrapper's order
+    ``GradBalance(optimizer, method, shared_params)`` puts ``shared_params`` last because it
+    is optional there (inferred). Passing ``method=`` and ``shared_params=`` by keyword reads
+    the same in both.
 
     Args:
         losses: one scalar loss per task (list or dict).
-        shared_params: the shared parameters (iterable or ``nn.Module``).
+        shared_params: the shared parameters (iterable or ``nn.Module``); ``None``: inferred
+            from the graph as the parameters more than one loss reaches.
         method: a registered name or a method object.
         params: every parameter to write gradients into; default: every leaf tensor that
             requires grad and that the losses reach.
         features: the shared representation ``z`` every head reads, as for
             :meth:`GradBalance.backward`.
-        engine: ``"auto"``, ``"loop"`` or ``"batched"``, as for :class:`GradBalance`.
-        chunk_size: tasks per batched call, as for :class:`GradBalance`.
-        distributed: as for :class:`GradBalance` (every call checks that the ranks agree, as
-            the wrapper's first step does; the wrapper is cheaper in multi-process training).
-        process_group: as for :class:`GradBalance`.
+        step: the optimizer step this call belongs to (e.g. after resuming from a checkpoint);
+            ``None``: the method object's own count (0 at its first call). Later calls go on
+            from ``step + 1``.
+        engine, chunk_size, task_weights, distributed, process_group: as for
+            :class:`GradBalance` (fields of :class:`~gradbalance.options.Options`; every call
+            checks that the ranks agree, as the wrapper's first step does).
 
     Returns:
         :class:`~gradbalance.StepInfo`.
 
     Raises:
-        TypeError, ValueError: as :meth:`GradBalance.backward`; nothing is changed. Unlike
-            the wrapper, there is no ``scaler=``, no ``task_weights=`` and no accumulation
-            window: each call is combined on its own (``accumulation="combine"``).
+        TypeError, ValueError: as :meth:`GradBalance.backward`; nothing is changed (nor the
+            method's step count). Unlike the wrapper there is no ``scaler=`` and no
+            accumulation window: each call is combined on its own (``accumulation="combine"``).
 
     Example:
         >>> import torch, gradbalance as gb
@@ -298,12 +345,19 @@ def backward(
         >>> w.grad
         tensor([-2.,  0.])
     """
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+        raise TypeError(f"step must be an int or None, got {type(step).__name__}")
+    if step is not None and step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    options = Options(engine=engine, chunk_size=chunk_size, task_weights=task_weights, accumulation="combine",
+                      distributed=distributed, process_group=process_group)
     if params is None:
         values = list(losses.values()) if isinstance(losses, Mapping) else list(losses)
         params = jacobian.graph_leaves([v for v in values if isinstance(v, Tensor)])
-    balancer = Balancer(method, shared_params, as_parameter_list(params, "params"), engine=engine,
-                        chunk_size=chunk_size, accumulation="combine", distributed=distributed,
-                        process_group=process_group)
+    method_obj = make_method(method)
+    balancer = Balancer(method_obj, shared_params, as_parameter_list(params, "params"), options)
+    balancer.step_count = _functional_step(method_obj) if step is None else step
     info = balancer.backward(losses, features=features)
     balancer.commit()
+    _set_functional_step(method_obj, balancer.step_count)
     return info

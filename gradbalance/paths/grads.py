@@ -1,0 +1,138 @@
+"""Small pure helpers the step paths share: Gram checks, head combinations, and ``.grad`` writes.
+
+Nothing here keeps state. :class:`GradWrite` is the one object that changes ``.grad``: a path
+builds it and the balancer applies it as the last act of a successful call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gradbalance import distributed as distributed_mod
+from gradbalance import jacobian
+from gradbalance.errors import NonFiniteError
+
+__all__ = ["GradWrite", "checked_gram", "columns", "combine_heads", "check_finite_grads", "reweight_heads"]
+
+
+def checked_gram(gram: Tensor, names: Sequence[str]) -> Tensor:
+    """``gram`` itself, after checking that every task's squared norm is finite."""
+    finite = torch.isfinite(gram.diagonal())
+    if not bool(finite.all()):
+        bad = [names[i] for i in range(len(names)) if not bool(finite[i])]
+        raise NonFiniteError(
+            f"the gradient of task(s) {bad} contains NaN or inf; check those losses for "
+            "log/sqrt/division at 0 or lower the learning rate (with scaler=, the step is skipped)"
+        )
+    return gram
+
+
+def check_finite_grads(grads: Sequence[Tensor | None], names: Sequence[str], reducer_sum=None) -> None:
+    """Raise :class:`~gradbalance.NonFiniteError` when the combined gradient has NaN or inf.
+
+    ``reducer_sum``: under FSDP, a function summing a 1-element tensor over the ranks, so that
+    every rank raises together.
+    """
+    present = [distributed_mod.local(g) for g in grads if g is not None]
+    if not present:
+        raise ValueError("the losses reach none of the optimizer's parameters")
+    # sum of |g| (an extra pass over the gradients; for float32 without the |g| temporary)
+    total = torch.stack([
+        torch.linalg.vector_norm(g, 1) if g.dtype == torch.float32 else g.float().abs().sum()
+        for g in present
+    ]).sum()
+    if reducer_sum is not None:
+        total = reducer_sum(total.reshape(1))
+    if not bool(torch.isfinite(total).all()):
+        raise NonFiniteError(
+            f"the combined gradient of tasks {list(names)} contains NaN or inf; check the losses "
+            "for log/sqrt/division at 0 or lower the learning rate (with scaler=, the step is skipped)"
+        )
+
+
+def columns(shared: Sequence[Tensor], subset: Sequence[Tensor]) -> Tensor:
+    """The columns of the flattened ``(k, P)`` task gradients that belong to ``subset``."""
+    wanted, cols, start = {id(p) for p in subset}, [], 0
+    for p in shared:
+        if id(p) in wanted:
+            cols.append(torch.arange(start, start + p.numel()))
+        start += p.numel()
+    return torch.cat(cols)
+
+
+def combine_heads(head_grads: list[list[Tensor | None]], weights: Tensor | None,
+                  n_heads: int) -> list[Tensor | None]:
+    """Per head parameter ``j``: ``sum_i weights[i] * head_grads[i][j]`` over the tasks reaching it
+    (``weights=None``: plain sum)."""
+    out: list[Tensor | None] = []
+    for j in range(n_heads):
+        total = None
+        for i, row in enumerate(head_grads):
+            g = row[j]
+            if g is None:
+                continue
+            term = g if weights is None else g * weights[i].to(g.dtype)
+            total = term if total is None else total + term
+        out.append(total)
+    return out
+
+
+def reweight_heads(values: Sequence[Tensor], params: Sequence[Tensor], grads: list[Tensor | None],
+                   shared: Sequence[Tensor], head_weights: Tensor) -> list[Tensor | None]:
+    """Replace the task-specific parameters' gradients by those of ``sum_i head_weights[i] L_i``."""
+    shared_ids = {id(p) for p in shared}
+    idx = [j for j, p in enumerate(params) if id(p) not in shared_ids]
+    if not idx:
+        return grads
+    hg = jacobian.weighted_gradients(values, head_weights, [params[j] for j in idx])
+    out = list(grads)
+    for j, g in zip(idx, hg):
+        out[j] = g
+    return out
+
+
+@dataclass
+class GradWrite:
+    """What one call adds to ``.grad``.
+
+    Attributes:
+        params: the parameters written.
+        grads: the gradient added to each (``None``: nothing).
+        replaces: exact accumulation: what the window wrote before for each parameter, taken
+            back out (``None``: a plain add, as ``loss.backward()`` does).
+        rewrite: ``True`` on the exact paths: ``grads`` is kept by the window as its
+            ``written``, so a fresh ``.grad`` is a copy, never the kept tensor itself.
+    """
+
+    params: list[Tensor]
+    grads: list[Tensor | None]
+    replaces: list[Tensor | None] | None = None
+    rewrite: bool = False
+
+    def apply(self) -> None:
+        if not self.rewrite:
+            for p, g in zip(self.params, self.grads):
+                if g is None:
+                    continue
+                if p.grad is None:
+                    p.grad = g.detach()  # a fresh tensor from autograd.grad: no copy needed
+                else:
+                    p.grad.add_(g)
+            return
+        for j, (p, g) in enumerate(zip(self.params, self.grads)):
+            old = None if self.replaces is None else self.replaces[j]
+            if g is None and old is None:
+                continue
+            if p.grad is None:
+                p.grad = (g if g is not None else torch.zeros_like(p)).detach().clone()
+                if old is not None:
+                    p.grad.sub_(old)
+                continue
+            if old is not None:
+                p.grad.sub_(old)
+            if g is not None:
+                p.grad.add_(g)

@@ -1,0 +1,51 @@
+"""Path "losses" (and "reused"): weights from the losses and the method's state only.
+
+Runs for methods with ``requires="losses"`` (any accumulation but ``"buffered"``), and for every
+method on the steps where ``recompute_every > 1`` reuses the last weights. One ordinary backward
+of ``sum_i w_i L_i`` (two when the heads have their own weights), whatever ``k`` is.
+
+Top to bottom: (1) every loss reaches a shared parameter (once per task set);
+(2) ``losses`` = window totals after this call (rank-averaged); (3) the method's weights (or the
+reused ones); (4) the weighted backward; (5) the heads' own weights; (6) average the gradients
+over the ranks; (7) NaN/inf check; (8) the write: added to ``.grad`` like ``loss.backward()``.
+The window keeps only the loss totals: earlier calls are not re-weighted (exact when the weights
+do not change within the window; otherwise the balancer warns once).
+"""
+
+from __future__ import annotations
+
+from gradbalance import jacobian
+from gradbalance.inputs import check_reach
+from gradbalance.methods.base import Aggregation
+from gradbalance.paths.context import StepContext, StepResult
+from gradbalance.paths.grads import GradWrite, check_finite_grads, reweight_heads
+
+__all__ = ["losses_step"]
+
+
+def losses_step(ctx: StepContext, reused: Aggregation | None = None) -> StepResult:
+    """One weighted backward; ``reused``: the cached weights of the last computing step."""
+    checked = False
+    if ctx.shared and not ctx.reach_checked:  # an explicitly empty shared set reaches nothing
+        check_reach(ctx.names, ctx.values, ctx.shared)
+        checked = True
+    losses = ctx.total(ctx.reducer.mean(ctx.call))
+    agg = reused if reused is not None else ctx.aggregate(losses)
+    weights = agg.weights
+    assert weights is not None  # requires="losses" methods and the reuse cache hold weights
+    reweight = agg.head_weights is not None and ctx.shared is not None
+    grads = jacobian.weighted_gradients(ctx.values, weights, ctx.params, retain_graph=reweight)
+    if reweight and agg.head_weights is not None and ctx.shared is not None:
+        grads = reweight_heads(ctx.values, ctx.params, grads, ctx.shared, agg.head_weights)
+    grads = ctx.reducer.mean_present(grads, ctx.params)  # autograd.grad fired no DDP hook
+    check_finite_grads(grads, ctx.names)
+    return StepResult(
+        aggregation=agg,
+        losses=losses,
+        engine="losses" if reused is None else "reused",
+        write=GradWrite(ctx.params, grads),
+        window=ctx.window.extended(losses, agg, commit=reused is None),
+        reach_checked=checked,
+        weights_changed=ctx.window.weights_changed(weights),
+        extras={} if reused is None else {"reused": 1},
+    )
