@@ -6,10 +6,23 @@
 """
 
 from gradbalance import methods, nn
+from gradbalance.errors import NonFiniteError, RankMismatchError
 from gradbalance.info import StepInfo
 from gradbalance.methods.base import available_methods
+from gradbalance.options import Options
 from gradbalance.optim import GradBalance, backward
 
 __version__ = "0.1.0"
 
-__all__ = ["GradBalance", "StepInfo", "__version__", "available_methods", "backward", "methods", "nn"]
+__all__ = [
+    "GradBalance",
+    "NonFiniteError",
+    "Options",
+    "RankMismatchError",
+    "StepInfo",
+    "__version__",
+    "available_methods",
+    "backward",
+    "methods",
+    "nn",
+]

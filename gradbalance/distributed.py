@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -56,7 +56,7 @@ def _collective(new: str, old: str) -> Any:
     return getattr(dist, new, None) or getattr(dist, old)
 
 
-def _dtensor_type() -> type | None:
+def _dtensor_type() -> Any:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - very old torch
@@ -72,16 +72,16 @@ def is_sharded(t: Tensor) -> bool:
 
 def local(t: Tensor) -> Tensor:
     """The local shard of a ``DTensor``; any other tensor as it is."""
-    return t.to_local() if is_sharded(t) else t
+    return cast(Any, t).to_local() if is_sharded(t) else t
 
 
 def like_param(values: Tensor, param: Tensor) -> Tensor:
     """Wrap a local gradient shard as a gradient of ``param`` (a ``DTensor`` for FSDP2 params)."""
     if not is_sharded(param):
         return values.view_as(param)
-    cls = _dtensor_type()
-    shard = param.to_local()
-    return cls.from_local(values.view_as(shard), param.device_mesh, param.placements,
+    cls, dparam = _dtensor_type(), cast(Any, param)
+    shard = dparam.to_local()
+    return cls.from_local(values.view_as(shard), dparam.device_mesh, dparam.placements,
                           run_check=False, shape=param.shape, stride=param.stride())
 
 

@@ -200,12 +200,13 @@ class GradBalance(torch.optim.Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> Any:
+    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
         """Step the wrapped optimizer, then commit the method's state for this step.
 
         A ``closure`` is passed to the wrapped optimizer (it must itself call
         ``opt.backward(losses)``; the balancing of that call is what gets committed).
         """
+        loss: Any
         if closure is not None:
             with torch.enable_grad():
                 loss = self.optimizer.step(closure)

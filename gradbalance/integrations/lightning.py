@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import Tensor
 
-from gradbalance.balancer import Losses
+from gradbalance.inputs import Losses
 from gradbalance.info import StepInfo
 from gradbalance.optim import GradBalance
 

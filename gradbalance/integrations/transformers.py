@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from gradbalance.info import StepInfo
 from gradbalance.integrations.lightning import find_gradbalance
 from gradbalance.optim import GradBalance
 
@@ -53,7 +54,7 @@ class GradBalanceTrainer(Trainer):
         self.gradbalance_method = gradbalance_method
         self.gradbalance_shared = shared_params
         self.gradbalance_kwargs = dict(gradbalance_kwargs or {})
-        self.gradbalance_info = None
+        self.gradbalance_info: StepInfo | None = None
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(*args, **kwargs)

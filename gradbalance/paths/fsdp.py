@@ -112,12 +112,12 @@ def _gram(ctx: StepContext) -> StepResult:
         raise ValueError(f"{ctx.label} returned a direction, which FSDP cannot apply")
     like = distributed_mod.like_param
     direction = agg.weights.to(grads.dtype) @ grads
-    new = [like(g, p) for g, p in zip(jacobian.unflatten(direction, shards), shared)]
+    new: list[Tensor | None] = [like(g, p) for g, p in zip(jacobian.unflatten(direction, shards), shared)]
     hw = agg.head_weights if agg.head_weights is not None else agg.weights
     combined = combine_heads(head_grads, hw, len(heads))
     head_out = [None if g is None else like(g, p) for g, p in zip(combined, heads)]
     head_out = _mean_unsharded(ctx, head_out, heads)
-    contribution = ctx.scaling.rescale(list(new) + head_out)
+    contribution = ctx.scaling.rescale(new + head_out)
     return StepResult(
         aggregation=agg, losses=losses, engine="fsdp",
         write=GradWrite(shared + heads, contribution, replaces=ctx.window.written, rewrite=True),
