@@ -49,6 +49,7 @@ exact path for every method. ``"combine"`` combines each call on its own and kee
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -128,7 +129,7 @@ class Balancer:
         # (task names, weights, head weights) of the last committed step, for recompute_every > 1
         self._cached: tuple[tuple[str, ...], Tensor, Tensor | None] | None = None
         self._use_loop = False  # set once a batched call fell back to the loop (and succeeded)
-        self._checked: tuple[str, ...] | None = None  # task set whose reach was checked
+        self._blind_walk: tuple[str, ...] | None = None  # tasks whose reach only autograd.grad saw
         self._unnamed_k: int | None = None  # number of losses last passed as a list
         self._warned: set[str] = set()
 
@@ -181,9 +182,21 @@ class Balancer:
     # ------------------------------------------------------------------ one call
     def backward(self, losses: Losses, *, features: Tensor | None = None, scaler: Any = None) -> StepInfo:
         """Compute, combine and write the gradients of one (micro-)batch; see the module doc."""
+        with _autocast_off():  # the balancing arithmetic runs in the parameters' dtype
+            ctx, unnamed_k = self._prepare(losses, features, scaler)  # 1.
+            try:
+                result = self._choose(ctx)(ctx)  # 2. and 3.
+            except NonFiniteError as err:
+                if not ctx.scaling.active:
+                    raise
+                return self._overflow(ctx, err)
+            return self._commit_call(ctx, result, unnamed_k)  # 4.
+
+    def _prepare(self, losses: Losses, features: Tensor | None, scaler: Any) -> tuple[StepContext, int | None]:
+        """Step 1: every check that needs no gradient, then the step's context (changes nothing
+        but the GradScaler's lazily initialised state, as ``scaler.scale`` always does)."""
         params = self._all_params()
         reducer = self._resolve_reducer(params)
-        # 1. prepare
         names, values = prepare_losses(losses)
         if self.step_count == 0 and self._window is None:
             check_task_weight_names(self.options.task_weights, all_task_names(losses))
@@ -205,19 +218,15 @@ class Balancer:
         ctx = StepContext(
             method=self.method, names=names, values=values, params=params, shared=self._shared, call=call,
             window=carried, step=self.step_count, scaling=scaling, reducer=reducer, features=features,
-            chunk_size=self.options.chunk_size, reach_checked=self._checked == names,
+            chunk_size=self.options.chunk_size, walk_is_blind=self._blind_walk == names,
         )
-        # 2.-3. choose and run a path
-        try:
-            result = self._choose(ctx)(ctx)
-        except NonFiniteError as err:
-            if not scaling.active:
-                raise
-            Scaling.poison((ctx.shared or params)[0])
-            return StepInfo(weights=None, losses=carried.total(call), grad_norms=None, cosine=None,
-                            engine="skipped", task_names=names, extras={"non_finite": str(err)})
-        # 4. commit
-        return self._commit_call(ctx, result, unnamed_k)
+        return ctx, unnamed_k
+
+    def _overflow(self, ctx: StepContext, err: NonFiniteError) -> StepInfo:
+        """A NaN/inf gradient under a GradScaler: a skipped step, as plain AMP makes it."""
+        Scaling.poison((ctx.shared or ctx.params)[0])
+        return StepInfo(weights=None, losses=ctx.window.total(ctx.call), grad_norms=None, cosine=None,
+                        engine="skipped", task_names=ctx.names, extras={"non_finite": str(err)})
 
     def _check_list_length(self, losses: Losses, k: int) -> int | None:
         """Unnamed losses must keep their number for a method with per-task state."""
@@ -285,8 +294,8 @@ class Balancer:
         self._window = base.continued(result.window, self.options.keeps_window)
         self._shared = ctx.shared
         self._unnamed_k = unnamed_k
-        if result.reach_checked:
-            self._checked = ctx.names
+        if result.walk_is_blind:
+            self._blind_walk = ctx.names
         if result.fallback and not self._use_loop:
             self._use_loop = True
             warnings.warn(
@@ -329,10 +338,16 @@ class Balancer:
         self._window = None
 
     # ------------------------------------------------------------------ checkpoints
+    def _method_args(self) -> dict[str, str]:
+        return {key: repr(value) for key, value in self.method.hyperparameters().items()}
+
     def state_dict(self) -> dict[str, Any]:
+        """The step count, the method (class, arguments, state) and the reuse cache."""
         state: dict[str, Any] = {
             "format": STATE_FORMAT,
             "step": self.step_count,
+            "method_class": type(self.method).__name__,
+            "method_args": self._method_args(),
             "method": self.method.state_dict(),
         }
         if self._cached is not None:
@@ -342,16 +357,90 @@ class Balancer:
                 state["reuse"]["head_weights"] = head_weights.clone()
         return state
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def validate_state(self, state: Any) -> None:
+        """Every check :meth:`load_state_dict` makes that needs no loading (changes nothing).
+
+        Raises:
+            TypeError: ``state`` is not a mapping.
+            ValueError: unknown format, missing or malformed keys, or a checkpoint of another
+                method class (checkpoints written before the class was recorded are accepted).
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"the gradbalance state must be a dict, got {type(state).__name__}")
         if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"unknown gradbalance state format {state.get('format')!r}")
-        self.method.load_state_dict(dict(state["method"]))
+            raise ValueError(f"unknown gradbalance state format {state.get('format')!r} (expected {STATE_FORMAT})")
+        step = state.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"gradbalance state: 'step' must be an int >= 0, got {step!r}")
+        if not isinstance(state.get("method"), Mapping):
+            raise ValueError("gradbalance state: 'method' (the method's state dict) is missing")
+        saved = state.get("method_class")
+        if saved is not None and saved != type(self.method).__name__:
+            args = ", ".join(f"{k}={v}" for k, v in dict(state.get("method_args") or {}).items())
+            raise ValueError(
+                f"this checkpoint was saved by {saved}({args}), but this optimizer balances with "
+                f"{self.method!r}: build it with the checkpoint's method to resume, or load only the "
+                "inner optimizer's state with opt.optimizer.load_state_dict(...)"
+            )
+        reuse = state.get("reuse")
+        if reuse is not None and not (
+            isinstance(reuse, Mapping) and isinstance(reuse.get("weights"), Tensor)
+            and all(isinstance(t, str) for t in reuse.get("tasks", [None]))
+        ):
+            raise ValueError("gradbalance state: malformed 'reuse' entry (expected tasks and weights)")
+
+    def snapshot(self) -> tuple[Any, ...]:
+        """Everything :meth:`load_state_dict` changes, for :meth:`restore`."""
+        return (self.method.state_dict(), self.step_count, self._window, self._cached)
+
+    def restore(self, snapshot: tuple[Any, ...]) -> None:
+        method_state, self.step_count, self._window, self._cached = snapshot
+        self.method.load_state_dict(method_state)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Validate ``state`` completely, then load it; on any error nothing has changed."""
+        self.validate_state(state)
+        saved_args = state.get("method_args")
+        before = self.snapshot()
+        try:
+            self.method.load_state_dict(dict(state["method"]))
+        except Exception:
+            self.restore(before)
+            raise
         self.step_count = int(state["step"])
         self._window = None
         reuse = state.get("reuse")
         self._cached = None
         if reuse is not None:
             self._cached = (tuple(reuse["tasks"]), reuse["weights"].clone(), reuse.get("head_weights"))
+        if saved_args is not None and dict(saved_args) != self._method_args():
+            warnings.warn(
+                f"the checkpoint's {type(self.method).__name__} had arguments {dict(saved_args)}; this "
+                f"one has {self._method_args()}: its state was loaded, the new arguments apply from now on",
+                UserWarning, stacklevel=3,
+            )
+
+
+def _autocast_off() -> contextlib.ExitStack:
+    """Leave every active autocast region for the duration of a call.
+
+    Lightning's ``precision="bf16-mixed"`` runs ``training_step`` (and so ``opt.backward``) under
+    ``torch.autocast``: the losses' graph keeps the autocast dtypes it was built with, but the
+    balancing arithmetic (Gram matrices, ``w @ G``, the combined gradients) must not be
+    downcast, and ``.grad`` must be written in the parameters' dtype.
+    """
+    stack = contextlib.ExitStack()
+    for device in _AUTOCAST_DEVICES:
+        try:
+            enabled = torch.is_autocast_enabled(device)
+        except (TypeError, RuntimeError):  # an older torch or an unknown device type
+            continue
+        if enabled:
+            stack.enter_context(torch.autocast(device_type=device, enabled=False))
+    return stack
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 
 
 def _direction_not_reused(method_name: str, every: int) -> None:

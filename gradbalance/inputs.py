@@ -24,6 +24,7 @@ __all__ = [
     "check_reach",
     "check_task_weight_names",
     "infer_shared",
+    "reaches_any",
     "prepare_losses",
 ]
 
@@ -169,14 +170,44 @@ def infer_shared(values: Sequence[Tensor], params: Sequence[Tensor]) -> list[Ten
     return shared
 
 
-def check_reach(names: Sequence[str], values: Sequence[Tensor], shared: Sequence[Tensor]) -> None:
-    """Every loss must reach a shared parameter.
+def reaches_any(loss: Tensor, ids: set[int]) -> bool:
+    """Whether the autograd graph of ``loss`` reaches a tensor whose ``id`` is in ``ids``: a walk
+    over ``grad_fn.next_functions`` that stops at the first hit (nothing is computed)."""
+    if id(loss) in ids:
+        return True
+    stack, seen = [loss.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)
+        if variable is not None and id(variable) in ids:
+            return True
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return False
 
-    A graph walk settles it for free in eager mode; where it finds nothing (compiled graphs hide
-    their parameters inside one opaque node) one ``autograd.grad`` confirms it.
+
+def check_reach(names: Sequence[str], values: Sequence[Tensor], shared: Sequence[Tensor],
+                walk_is_blind: bool = False) -> bool:
+    """Every loss must reach a shared parameter; checked on every call.
+
+    A graph walk (stopping at the first shared parameter it meets) settles it in eager mode at
+    the cost of a few graph nodes per task. Where the walk finds nothing, one ``autograd.grad``
+    per such loss confirms it: compiled graphs hide their parameters inside one opaque node.
+    ``walk_is_blind=True`` (the caller confirmed these tasks that way before) skips that
+    confirmation, which would cost a backward pass per task on every step.
+
+    Returns:
+        Whether a confirmation was needed (the walk is blind for these losses).
+
+    Raises:
+        ValueError: a loss does not reach any shared parameter.
     """
+    ids = {id(p) for p in shared}
+    blind = False
     for name, v in zip(names, values):
-        if any(jacobian.reached_parameters(v, shared)):
+        if reaches_any(v, ids) or walk_is_blind:
             continue
         grads = torch.autograd.grad(v, list(shared), retain_graph=True, allow_unused=True)
         if all(g is None for g in grads):
@@ -184,3 +215,5 @@ def check_reach(names: Sequence[str], values: Sequence[Tensor], shared: Sequence
                 f"loss {name!r} does not reach any shared parameter; check shared_params "
                 "or whether the loss was computed from detached tensors"
             )
+        blind = True
+    return blind

@@ -223,12 +223,29 @@ class GradBalance(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict` (a plain optimizer ``state_dict`` loads too, leaving the
-        method's state as it is)."""
+        method's state as it is).
+
+        The gradbalance part is validated first (format, the method's class, its state), then
+        loaded, then the inner optimizer's; if any of them raises, nothing has changed. A
+        checkpoint of another method class raises; one of the same class with other arguments
+        loads with a warning.
+
+        Raises:
+            TypeError, ValueError: a malformed state or a checkpoint of another method; what
+                the inner optimizer's ``load_state_dict`` raises.
+        """
         state = dict(state_dict)
         ours = state.pop(_STATE_KEY, None)
-        self.optimizer.load_state_dict(state)
-        if ours is not None:
-            self._balancer.load_state_dict(ours)
+        if ours is None:
+            self.optimizer.load_state_dict(state)
+            return
+        before = self._balancer.snapshot()
+        self._balancer.load_state_dict(ours)  # validates everything before loading anything
+        try:
+            self.optimizer.load_state_dict(state)
+        except Exception:
+            self._balancer.restore(before)
+            raise
 
     def __repr__(self) -> str:
         return f"GradBalance({self.method!r}, engine={self._balancer.engine!r}, optimizer={self.optimizer!r})"

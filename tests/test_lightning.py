@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as L
 import pytest
 import torch
 
-import gradbalance as gb
-from gradbalance.integrations.lightning import balance_backward, find_gradbalance
-from tests.helpers import MultiTaskNet, make_batch, task_losses
+L = pytest.importorskip("lightning.pytorch")  # an optional dependency: skip when absent
+
+import gradbalance as gb  # noqa: E402
+from gradbalance.integrations.lightning import balance_backward, find_gradbalance  # noqa: E402
+from tests.helpers import MultiTaskNet, make_batch, task_losses  # noqa: E402
 
 
 class TwoTask(L.LightningModule):

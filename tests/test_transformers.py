@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-from transformers import TrainingArguments
 
-import gradbalance as gb
-from gradbalance.integrations.transformers import GradBalanceTrainer
-from tests.helpers import MultiTaskNet, make_batch, task_losses
+TrainingArguments = pytest.importorskip("transformers").TrainingArguments  # optional: skip when absent
+
+import gradbalance as gb  # noqa: E402
+from gradbalance.integrations.transformers import GradBalanceTrainer  # noqa: E402
+from tests.helpers import MultiTaskNet, make_batch, task_losses  # noqa: E402
 
 
 class DictModel(torch.nn.Module):

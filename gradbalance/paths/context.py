@@ -89,7 +89,9 @@ class StepContext:
         features: the shared representation ``z``, or ``None``.
         engine: the engine to use for task gradients (``"loop"``/``"batched"``; resolved).
         chunk_size: tasks per batched call.
-        reach_checked: an earlier successful call checked that these tasks reach ``shared``.
+        walk_is_blind: an earlier successful call found that the graph walk cannot see the
+            shared parameters of these tasks (compiled graphs) and confirmed their reach by
+            ``autograd.grad``; the reach check then trusts them.
     """
 
     method: Method
@@ -105,7 +107,7 @@ class StepContext:
     features: Tensor | None = None
     engine: str = "loop"
     chunk_size: int | None = None
-    reach_checked: bool = False
+    walk_is_blind: bool = False
 
     @property
     def label(self) -> str:
@@ -144,7 +146,7 @@ class StepResult:
         write: the ``.grad`` change.
         window: the window after this call.
         gram: the Gram matrix the method saw (diagnostics), or ``None``.
-        reach_checked: this call checked that every loss reaches a shared parameter.
+        walk_is_blind: this call needed ``autograd.grad`` to confirm the losses' reach.
         fallback: the batched engine fell back to the loop for these ops/errors.
         weights_changed: a path that writes each call with its own weights saw them change
             within the window (the balancer warns once).
@@ -157,7 +159,7 @@ class StepResult:
     write: GradWrite
     window: Window
     gram: Tensor | None = None
-    reach_checked: bool = False
+    walk_is_blind: bool = False
     fallback: tuple[str, ...] = ()
     weights_changed: bool = False
     extras: dict[str, Any] = field(default_factory=dict)

@@ -44,10 +44,9 @@ def _exact_gram(ctx: StepContext, grads: Tensor, call: Tensor) -> tuple[Tensor, 
 
 def _task_gradients(ctx: StepContext, shared: list[Tensor], heads: list[Tensor]):
     """Steps (1)-(2): the task gradients, with the batched engine's fallback to the loop."""
-    engine, checked = ctx.engine, False
-    if engine == "batched" and not ctx.reach_checked:
-        check_reach(ctx.names, ctx.values, shared)
-        checked = True
+    engine, blind = ctx.engine, False
+    if engine == "batched":  # the loop reports reach itself; the batched call cannot tell
+        blind = check_reach(ctx.names, ctx.values, shared, walk_is_blind=ctx.walk_is_blind)
     try:
         tg = jacobian.task_gradients(ctx.values, shared, heads, engine=engine, features=ctx.features,
                                      chunk_size=ctx.chunk_size)
@@ -60,14 +59,14 @@ def _task_gradients(ctx: StepContext, shared: list[Tensor], heads: list[Tensor])
     for name, ok in zip(ctx.names, tg.reached or []):
         if not ok:
             raise ValueError(f"loss {name!r} does not reach any shared parameter; check shared_params")
-    return tg, checked
+    return tg, blind
 
 
 def _run(ctx: StepContext, gram_rule: GramRule) -> StepResult:
     shared = ctx.shared
     assert shared is not None  # the balancer infers it before choosing this path
     heads = ctx.heads(shared)
-    tg, checked = _task_gradients(ctx, shared, heads)
+    tg, blind = _task_gradients(ctx, shared, heads)
     grads = ctx.scaling.unscale(tg.shared)
     head_grads: HeadGrads = ctx.scaling.unscale_rows(tg.heads)
     width = grads.shape[1]
@@ -89,7 +88,7 @@ def _run(ctx: StepContext, gram_rule: GramRule) -> StepResult:
         write=GradWrite(shared + heads, contribution, replaces=ctx.window.written, rewrite=True),
         window=ctx.window.extended(losses, agg, grads=grads, heads=head_grads, written=contribution,
                                    gram=kept_gram),
-        gram=gram, reach_checked=checked, fallback=tg.fallback,
+        gram=gram, walk_is_blind=blind, fallback=tg.fallback,
     )
 
 

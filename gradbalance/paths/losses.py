@@ -4,7 +4,8 @@ Runs for methods with ``requires="losses"`` (any accumulation but ``"buffered"``
 method on the steps where ``recompute_every > 1`` reuses the last weights. One ordinary backward
 of ``sum_i w_i L_i`` (two when the heads have their own weights), whatever ``k`` is.
 
-Top to bottom: (1) every loss reaches a shared parameter (once per task set);
+Top to bottom: (1) every loss reaches a shared parameter (a graph walk, every call; when the
+shared parameters are inferred, which loss-only methods never need, nothing is checked);
 (2) ``losses`` = window totals after this call (rank-averaged); (3) the method's weights (or the
 reused ones); (4) the weighted backward; (5) the heads' own weights; (6) average the gradients
 over the ranks; (7) NaN/inf check; (8) the write: added to ``.grad`` like ``loss.backward()``.
@@ -25,10 +26,9 @@ __all__ = ["losses_step"]
 
 def losses_step(ctx: StepContext, reused: Aggregation | None = None) -> StepResult:
     """One weighted backward; ``reused``: the cached weights of the last computing step."""
-    checked = False
-    if ctx.shared and not ctx.reach_checked:  # an explicitly empty shared set reaches nothing
-        check_reach(ctx.names, ctx.values, ctx.shared)
-        checked = True
+    blind = False
+    if ctx.shared:  # an explicitly empty shared set (no sharing) has nothing to reach
+        blind = check_reach(ctx.names, ctx.values, ctx.shared, walk_is_blind=ctx.walk_is_blind)
     losses = ctx.total(ctx.reducer.mean(ctx.call))
     agg = reused if reused is not None else ctx.aggregate(losses)
     weights = agg.weights
@@ -45,7 +45,7 @@ def losses_step(ctx: StepContext, reused: Aggregation | None = None) -> StepResu
         engine="losses" if reused is None else "reused",
         write=GradWrite(ctx.params, grads),
         window=ctx.window.extended(losses, agg, commit=reused is None),
-        reach_checked=checked,
+        walk_is_blind=blind,
         weights_changed=ctx.window.weights_changed(weights),
         extras={} if reused is None else {"reused": 1},
     )
