@@ -9,8 +9,8 @@ from gradbalance import methods, nn
 from gradbalance.errors import NonFiniteError, RankMismatchError
 from gradbalance.info import StepInfo
 from gradbalance.methods.base import available_methods
-from gradbalance.options import Options
 from gradbalance.optim import GradBalance, backward
+from gradbalance.options import Options
 
 __version__ = "0.1.0"
 

@@ -25,8 +25,8 @@ from typing import Any
 
 from torch import Tensor
 
-from gradbalance.inputs import Losses
 from gradbalance.info import StepInfo
+from gradbalance.inputs import Losses
 from gradbalance.optim import GradBalance
 
 __all__ = ["balance_backward", "find_gradbalance"]
