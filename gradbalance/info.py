@@ -43,13 +43,19 @@ class StepInfo:
             parameters, or on the features in representation mode); ``None`` for methods that
             need no per-task gradients (computing them would cost k backward passes).
         cosine: ``(k, k)`` cosine similarities of those gradients, or ``None`` as above.
-        engine: which path produced the task gradients: ``"loop"``, ``"batched"``,
-            ``"representation"``, ``"losses"`` (no per-task gradients), with ``" (fallback: ...)"``
-            appended when the batched path fell back to the loop; ``"skipped"`` when a
-            ``GradScaler`` overflow made the step a no-op (the reason is in
-            ``extras["non_finite"]``).
+        engine: which path produced the gradients: ``"loop"`` or ``"batched"`` (task gradients
+            on the shared parameters; ``"batched (fallback: ...)"`` when the batched call fell back
+            to the loop; a method's ``shared_subset`` also reports ``"loop"``),
+            ``"representation"`` (task gradients on ``features``), ``"losses"`` (no per-task
+            gradients: one weighted backward), ``"reused"`` (``recompute_every > 1``: the last
+            computed weights, one weighted backward), ``"fsdp"`` (FSDP2: one backward per task on
+            the sharded parameters), or ``"skipped"`` when a ``GradScaler`` overflow made the
+            step a no-op (the reason is in ``extras["non_finite"]``).
         task_names: the task names, in the order of ``weights``.
-        extras: method-specific values (solver status, number of projections, ...).
+        extras: method-specific values (solver status, number of projections, ...). With
+            ``recompute_every > 1``, ``extras["reused"]`` is ``1`` on a reused step and ``0`` on
+            a computing step (the same convention as Nash-MTL's own ``update_every``); under
+            ``torch.distributed``, ``"distributed"`` (the strategy) and ``"comm_bytes"``.
 
     Example:
         >>> import torch, gradbalance as gb
