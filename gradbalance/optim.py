@@ -260,6 +260,9 @@ class GradBalance(torch.optim.Optimizer):
     ) -> StepInfo:
         """Balance the task losses and write the combined gradient into ``.grad``.
 
+        On any error nothing is changed: parameters, ``.grad``, the optimizer's and the method's
+        state, and the wrapper's own bookkeeping (window, inferred shared parameters, engine).
+
         Args:
             losses: one scalar loss per task: a list, or a dict ``{name: loss}`` (``None``
                 values mark tasks absent from this batch).
@@ -277,11 +280,14 @@ class GradBalance(torch.optim.Optimizer):
         Raises:
             TypeError: losses not a list/dict of tensors, or ``features`` not a tensor.
             ValueError: empty losses, a non-scalar, NaN/inf or detached loss, duplicate task
-                names, a loss that reaches no shared parameter (or, in representation mode,
-                does not depend on ``features``), a NaN/inf task gradient (without a scaler),
-                a representation-mode method called without ``features``, tasks that differ
-                from the earlier calls of the current accumulation window, a changing number
-                of tasks for a method with per-task state. Nothing is changed.
+                names, a ``task_weights`` name that matches no task (first step) or a list of
+                weights of another length, a loss that reaches no shared parameter (or, in
+                representation mode, does not depend on ``features``), ``features`` outside the
+                losses' graph, a representation-mode method called without ``features``, tasks
+                that differ from the earlier calls of the current accumulation window, a
+                changing number of unnamed tasks for a method with per-task state.
+            NonFiniteError: a NaN/inf task gradient, without a scaler (a ``ValueError``).
+            RankMismatchError: under ``torch.distributed``, the ranks disagree (a ``ValueError``).
         """
         info = self._balancer.backward(losses, features=features, scaler=scaler)
         self.last_info = info

@@ -77,3 +77,32 @@ def test_automatic_optimisation_is_refused():
 def test_find_gradbalance_errors():
     with pytest.raises(TypeError, match="no GradBalance"):
         find_gradbalance(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1))
+
+
+def _plain_bf16(method, data):
+    """The plain loop with the forward under CPU bf16 autocast, balanced outside it."""
+    net = MultiTaskNet(2)
+    opt = gb.GradBalance(torch.optim.SGD(net.parameters(), lr=0.1), method, shared_params=net.trunk)
+    for x, y in data:
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z, losses = task_losses(net, x, y)
+        opt.backward(losses, features=z)
+        opt.step()
+    return net
+
+
+@pytest.mark.parametrize("method", ["mgda", "pcgrad", "upgrad"])
+def test_lightning_bf16_mixed(method):
+    # issue 16: precision="bf16-mixed" runs training_step, and so opt.backward, inside autocast;
+    # exact-path methods failed with "assign a gradient with dtype BFloat16".
+    data = _loader(n_batches=2)
+    module = TwoTask(method)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", precision="bf16-mixed", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    assert len(module.infos) == len(data) and all(i.weights is not None for i in module.infos)
+    reference = _plain_bf16(method, data)
+    for a, b in zip(module.net.parameters(), reference.parameters()):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
