@@ -40,11 +40,7 @@ def check_finite_grads(grads: Sequence[Tensor | None], names: Sequence[str], red
     present = [distributed_mod.local(g) for g in grads if g is not None]
     if not present:
         raise ValueError("the losses reach none of the optimizer's parameters")
-    # sum of |g| (an extra pass over the gradients; for float32 without the |g| temporary)
-    total = torch.stack([
-        torch.linalg.vector_norm(g, 1) if g.dtype == torch.float32 else g.float().abs().sum()
-        for g in present
-    ]).sum()
+    total = _l1_total(present)
     if reducer_sum is not None:
         total = reducer_sum(total.reshape(1))
     if not bool(torch.isfinite(total).all()):
@@ -52,6 +48,16 @@ def check_finite_grads(grads: Sequence[Tensor | None], names: Sequence[str], red
             f"the combined gradient of tasks {list(names)} contains NaN or inf; check the losses "
             "for log/sqrt/division at 0 or lower the learning rate (with scaler=, the step is skipped)"
         )
+
+
+def _l1_total(grads: list[Tensor]) -> Tensor:
+    """``sum_j ||g_j||_1`` in float32: NaN/inf exactly when some entry is (one pass over the
+    gradients; ``torch._foreach_norm`` fuses it into a few kernels, as ``clip_grad_norm_`` does)."""
+    foreach = getattr(torch, "_foreach_norm", None)
+    same = all(g.dtype == torch.float32 and g.device == grads[0].device for g in grads)
+    if foreach is not None and same:
+        return torch.stack(foreach(grads, 1)).sum()
+    return torch.stack([g.float().abs().sum() for g in grads]).sum()
 
 
 def columns(shared: Sequence[Tensor], subset: Sequence[Tensor]) -> Tensor:
