@@ -483,7 +483,7 @@ def test_update_every_reuses_weights_with_one_backward():
     x, y = make_batch(2)
     method = _CountingMethod()
     opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.0), method,
-                         shared_params=model.trunk, update_every=3)
+                         shared_params=model.trunk, recompute_every=3)
     engines, weights = [], []
     for _ in range(7):
         opt.zero_grad()
@@ -504,7 +504,7 @@ def test_update_every_reuses_weights_with_one_backward():
     assert weights[1] == weights[0] == [1.0, 1.0] and weights[3] == [1.0, 2.0]
     state = opt.state_dict()
     fresh = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.0), _CountingMethod(),
-                           shared_params=model.trunk, update_every=3)
+                           shared_params=model.trunk, recompute_every=3)
     fresh.load_state_dict(state)
     opt.zero_grad()
     fresh.zero_grad()
