@@ -305,7 +305,10 @@ def _functional_step(method: Method) -> int:
 def _set_functional_step(method: Method, step: int) -> None:
     key = id(method)
     if key not in _FUNCTIONAL_STEPS:
-        weakref.finalize(method, _FUNCTIONAL_STEPS.pop, key, None)
+        try:  # forget the count with the method (an id may be reused after that)
+            weakref.finalize(method, _FUNCTIONAL_STEPS.pop, key, None)
+        except TypeError:  # a method class with __slots__ and no __weakref__: keep the entry
+            pass
     _FUNCTIONAL_STEPS[key] = step
 
 
@@ -350,9 +353,12 @@ def backward(
         step: the optimizer step this call belongs to (e.g. after resuming from a checkpoint);
             ``None``: the method object's own count (0 at its first call). Later calls go on
             from ``step + 1``.
-        engine, chunk_size, task_weights, distributed, process_group: as for
-            :class:`GradBalance` (fields of :class:`~gradbalance.options.Options`; every call
-            checks that the ranks agree, as the wrapper's first step does).
+        engine: as for :class:`GradBalance` (a field of :class:`~gradbalance.Options`).
+        chunk_size: as for :class:`GradBalance`.
+        task_weights: as for :class:`GradBalance`.
+        distributed: as for :class:`GradBalance` (every call checks that the ranks agree, as the
+            wrapper's first step does).
+        process_group: as for :class:`GradBalance`.
 
     Returns:
         :class:`~gradbalance.StepInfo`.
