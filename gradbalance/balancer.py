@@ -183,7 +183,9 @@ class Balancer:
     def backward(self, losses: Losses, *, features: Tensor | None = None, scaler: Any = None) -> StepInfo:
         """Compute, combine and write the gradients of one (micro-)batch; see the module doc."""
         with _autocast_off():  # the balancing arithmetic runs in the parameters' dtype
-            ctx, unnamed_k = self._prepare(losses, features, scaler)  # 1.
+            ctx, unnamed_k, overflow = self._prepare(losses, features, scaler)  # 1.
+            if overflow is not None:
+                return self._overflow(ctx, overflow)
             try:
                 result = self._choose(ctx)(ctx)  # 2. and 3.
             except NonFiniteError as err:
@@ -192,16 +194,26 @@ class Balancer:
                 return self._overflow(ctx, err)
             return self._commit_call(ctx, result, unnamed_k)  # 4.
 
-    def _prepare(self, losses: Losses, features: Tensor | None, scaler: Any) -> tuple[StepContext, int | None]:
+    def _prepare(
+        self, losses: Losses, features: Tensor | None, scaler: Any
+    ) -> tuple[StepContext, int | None, NonFiniteError | None]:
         """Step 1: every check that needs no gradient, then the step's context (changes nothing
-        but the GradScaler's lazily initialised state, as ``scaler.scale`` always does)."""
+        but the GradScaler's lazily initialised state, as ``scaler.scale`` always does). A NaN/inf
+        loss under an active GradScaler is returned as an overflow instead of raised."""
         params = self._all_params()
         reducer = self._resolve_reducer(params)
         names, values = prepare_losses(losses)
         if self.step_count == 0 and self._window is None:
             check_task_weight_names(self.options.task_weights, all_task_names(losses))
         values = apply_task_weights(self.options.task_weights, names, values)
-        reducer.check_call(names, torch.stack([v.detach() for v in values]))
+        scaling = Scaling(scaler)
+        overflow = None
+        try:
+            reducer.check_call(names, torch.stack([v.detach() for v in values]))
+        except NonFiniteError as err:
+            if not scaling.active:
+                raise
+            overflow = err
         unnamed_k = self._check_list_length(losses, len(values))
         window = self._window
         if window is not None and window.names != names:
@@ -210,7 +222,6 @@ class Balancer:
                 f"{list(names)}); call step() or zero_grad() first"
             )
         check_features(features)
-        scaling = Scaling(scaler)
         values = scaling.scale_losses(values)
         call = torch.stack([v.detach() for v in values]).double() / scaling.factor
         carried = window if (window is not None and self.options.keeps_window) else Window.empty(names)
@@ -220,7 +231,7 @@ class Balancer:
             window=carried, step=self.step_count, scaling=scaling, reducer=reducer, features=features,
             chunk_size=self.options.chunk_size, walk_is_blind=self._blind_walk == names,
         )
-        return ctx, unnamed_k
+        return ctx, unnamed_k, overflow
 
     def _overflow(self, ctx: StepContext, err: NonFiniteError) -> StepInfo:
         """A NaN/inf gradient under a GradScaler: a skipped step, as plain AMP makes it."""

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from gradbalance import jacobian
+from gradbalance.errors import NonFiniteError
 
 __all__ = [
     "Losses",
@@ -131,11 +132,12 @@ def apply_task_weights(task_weights: Any, names: Sequence[str], values: list[Ten
 
 
 def check_finite_losses(names: Sequence[str], losses: Tensor) -> None:
-    """Raise a ValueError naming the tasks whose loss is NaN or inf (a host synchronisation)."""
+    """Raise a :class:`~gradbalance.NonFiniteError` (a ValueError) naming the tasks whose loss is
+    NaN or inf (a host synchronisation); under a GradScaler the balancer makes it a skipped step."""
     finite = torch.isfinite(losses)
     if not bool(finite.all()):
         bad = [names[i] for i in range(len(names)) if not bool(finite[i])]
-        raise ValueError(
+        raise NonFiniteError(
             f"loss of task(s) {bad} is NaN or inf: {losses.tolist()}; check the inputs and the "
             "loss functions (log/sqrt/division at 0) before the step"
         )

@@ -271,22 +271,23 @@ class GradBalance(torch.optim.Optimizer):
                 representation mode (MGDA-UB).
             scaler: a ``torch.amp.GradScaler``; the losses are scaled for the backward passes
                 and the task gradients unscaled before the method sees them. Then call
-                ``scaler.step(opt)`` and ``scaler.update()`` as usual; an overflow skips the
-                step and leaves the method's state unchanged.
+                ``scaler.step(opt)`` and ``scaler.update()`` as usual; an overflow (a NaN/inf
+                loss or task gradient) skips the step and leaves the method's state unchanged.
 
         Returns:
             :class:`~gradbalance.StepInfo` (also kept as :attr:`last_info`).
 
         Raises:
             TypeError: losses not a list/dict of tensors, or ``features`` not a tensor.
-            ValueError: empty losses, a non-scalar, NaN/inf or detached loss, duplicate task
+            ValueError: empty losses, a non-scalar or detached loss, duplicate task
                 names, a ``task_weights`` name that matches no task (first step) or a list of
                 weights of another length, a loss that reaches no shared parameter (or, in
                 representation mode, does not depend on ``features``), ``features`` outside the
                 losses' graph, a representation-mode method called without ``features``, tasks
                 that differ from the earlier calls of the current accumulation window, a
                 changing number of unnamed tasks for a method with per-task state.
-            NonFiniteError: a NaN/inf task gradient, without a scaler (a ``ValueError``).
+            NonFiniteError: a NaN/inf loss or task gradient, without an active scaler (a
+                ``ValueError``; with one it is an overflow: ``engine == "skipped"``).
             RankMismatchError: under ``torch.distributed``, the ranks disagree (a ``ValueError``).
         """
         info = self._balancer.backward(losses, features=features, scaler=scaler)

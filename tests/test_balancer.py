@@ -483,3 +483,38 @@ def test_every_method_under_cpu_bf16_autocast(name):
             assert results[1][n] is None
         else:
             torch.testing.assert_close(results[0][n], results[1][n], atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- GradScaler
+
+
+@pytest.mark.parametrize("method", ["uw", "mgda"])
+def test_non_finite_loss_under_a_scaler_is_an_overflow(method):
+    # plain AMP skips a step whose loss is inf/NaN (its gradients are); so must the wrapper
+    model = MultiTaskNet(2)
+    x, y = make_batch(2)
+    opt = gb.GradBalance(torch.optim.Adam(model.parameters(), lr=0.1), method, shared_params=model.trunk)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    _, losses = task_losses(model, x, y)
+    opt.backward(losses, scaler=scaler)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+    before = snapshot(model, opt)[0], snapshot(model, opt)[2]
+    state = copy.deepcopy(opt.state_dict()["gradbalance"])
+    _, losses = task_losses(model, x, y)
+    info = opt.backward([losses[0] * float("inf"), losses[1]], scaler=scaler)
+    assert info.engine == "skipped" and "NaN or inf" in info.extras["non_finite"]
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() < 2.0**10
+    after = snapshot(model, opt)
+    for n in before[0]:
+        assert torch.equal(before[0][n], after[0][n]), n
+    assert _same_state(before[1], after[2])
+    assert _same_state(opt.state_dict()["gradbalance"], state)
+    opt.zero_grad()
+    _, losses = task_losses(model, x, y)
+    assert opt.backward(losses, scaler=scaler).weights is not None  # and training goes on
+    with pytest.raises(gb.NonFiniteError, match="NaN or inf"):  # without a scaler: an error
+        opt.backward([losses[0] * float("nan"), losses[1]])
