@@ -69,6 +69,7 @@ from gradbalance.inputs import (
     check_task_weight_names,
     infer_shared,
     prepare_losses,
+    single_task_shared,
 )
 from gradbalance.methods.base import Aggregation, Method, make_method
 from gradbalance.options import Options
@@ -203,8 +204,11 @@ class Balancer:
         params = self._all_params()
         reducer = self._resolve_reducer(params)
         names, values = prepare_losses(losses)
-        if self.step_count == 0 and self._window is None:
+        lonely: list[Tensor] = []
+        if self.step_count == 0 and self._window is None:  # the first call: cheap one-off checks
             check_task_weight_names(self.options.task_weights, all_task_names(losses))
+            if not self.inferred_shared and self._shared and "lonely" not in self._warned:
+                lonely = single_task_shared(values, self._shared)
         values = apply_task_weights(self.options.task_weights, names, values)
         scaling = Scaling(scaler)
         overflow = None
@@ -229,7 +233,7 @@ class Balancer:
         ctx = StepContext(
             method=self.method, names=names, values=values, params=params, shared=self._shared, call=call,
             window=carried, step=self.step_count, scaling=scaling, reducer=reducer, features=features,
-            chunk_size=self.options.chunk_size, walk_is_blind=self._blind_walk == names,
+            chunk_size=self.options.chunk_size, walk_is_blind=self._blind_walk == names, lonely_shared=lonely,
         )
         return ctx, unnamed_k, overflow
 
@@ -316,6 +320,8 @@ class Balancer:
             )
         if result.weights_changed and self.options.keeps_window:
             self._warn_once("inexact", weights_changed_warning, type(self.method).__name__)
+        if ctx.lonely_shared:
+            self._warn_once("lonely", _lonely_shared, ctx.lonely_shared, len(self._shared or ()))
         if self.options.recompute_every > 1 and result.aggregation.weights is None:
             self._warn_once("direction", _direction_not_reused, type(self.method).__name__,
                             self.options.recompute_every)
@@ -452,6 +458,18 @@ def _autocast_off() -> contextlib.ExitStack:
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+def _lonely_shared(lonely: list[Tensor], total: int) -> None:
+    shapes = [tuple(p.shape) for p in lonely[:3]]
+    warnings.warn(
+        f"{len(lonely)} of the {total} shared parameters are reached by one task only (shapes "
+        f"{shapes}{', ...' if len(lonely) > 3 else ''}): they look task-specific. With "
+        "shared_params=model every head counts as shared and is combined like the trunk; pass "
+        "only the shared part (e.g. shared_params=model.trunk), or give the model a "
+        "shared_parameters() method. Ignore this if a task was absent from this first batch.",
+        UserWarning, stacklevel=6,
+    )
 
 
 def _direction_not_reused(method_name: str, every: int) -> None:

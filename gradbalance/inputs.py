@@ -26,6 +26,7 @@ __all__ = [
     "check_task_weight_names",
     "infer_shared",
     "reaches_any",
+    "single_task_shared",
     "prepare_losses",
 ]
 
@@ -188,6 +189,15 @@ def reaches_any(loss: Tensor, ids: set[int]) -> bool:
             return True
         stack.extend(next_fn for next_fn, _ in fn.next_functions)
     return False
+
+
+def single_task_shared(values: Sequence[Tensor], shared: Sequence[Tensor]) -> list[Tensor]:
+    """The "shared" parameters that exactly one of two or more losses reaches (a graph walk per
+    loss): most likely task-specific ones, e.g. the heads of ``shared_params=model``."""
+    if len(values) < 2 or not shared:
+        return []
+    hits = [jacobian.reached_parameters(v, shared) for v in values]
+    return [p for j, p in enumerate(shared) if sum(h[j] for h in hits) == 1]
 
 
 def check_reach(names: Sequence[str], values: Sequence[Tensor], shared: Sequence[Tensor],

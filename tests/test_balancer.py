@@ -518,3 +518,21 @@ def test_non_finite_loss_under_a_scaler_is_an_overflow(method):
     assert opt.backward(losses, scaler=scaler).weights is not None  # and training goes on
     with pytest.raises(gb.NonFiniteError, match="NaN or inf"):  # without a scaler: an error
         opt.backward([losses[0] * float("nan"), losses[1]])
+
+
+def test_heads_passed_as_shared_warn_on_the_first_step():
+    model = MultiTaskNet(2)
+    x, y = make_batch(2)
+    opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.1), "mgda", shared_params=model)
+    _, losses = task_losses(model, x, y)
+    with pytest.warns(UserWarning, match="4 of the 8 shared parameters are reached by one task only"):
+        opt.backward(losses)
+    opt.step()
+    opt.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only, and never for the trunk alone
+        _, losses = task_losses(model, x, y)
+        opt.backward(losses)
+        good = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.1), "mgda", shared_params=model.trunk)
+        _, losses = task_losses(model, x, y)
+        good.backward(losses)

@@ -92,6 +92,8 @@ class StepContext:
         walk_is_blind: an earlier successful call found that the graph walk cannot see the
             shared parameters of these tasks (compiled graphs) and confirmed their reach by
             ``autograd.grad``; the reach check then trusts them.
+        lonely_shared: first call only: the given shared parameters that one task alone reaches
+            (the balancer warns; no path reads it).
     """
 
     method: Method
@@ -108,6 +110,7 @@ class StepContext:
     engine: str = "loop"
     chunk_size: int | None = None
     walk_is_blind: bool = False
+    lonely_shared: list[Tensor] = field(default_factory=list)
 
     @property
     def label(self) -> str:
