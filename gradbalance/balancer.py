@@ -226,6 +226,29 @@ class Balancer:
             bad = [names[i] for i in range(len(names)) if not bool(finite[i])]
             raise ValueError(f"loss of task(s) {bad} is NaN or inf: {losses.tolist()}")
 
+    def _check_call(self, losses: Losses, names: tuple[str, ...], values: list[Tensor],
+                    window: _Window | None, features: Tensor | None) -> None:
+        """This call against the previous ones (changes nothing)."""
+        if not isinstance(losses, Mapping):
+            previous = self._unnamed_k
+            if previous is not None and previous != len(values) and self.method.state_dict():
+                raise ValueError(
+                    f"got {len(values)} losses but {previous} at the previous step, and "
+                    f"{type(self.method).__name__} keeps state between steps: pass losses as a "
+                    "dict {name: loss or None} so that tasks are matched by name"
+                )
+        if window is not None and window.names != names:
+            raise ValueError(
+                f"the tasks changed within an accumulation window ({list(window.names)} -> "
+                f"{list(names)}); call step() or zero_grad() first"
+            )
+        if features is not None and not isinstance(features, Tensor):
+            raise TypeError(f"features must be a tensor, got {type(features).__name__}")
+
+    def _fingerprint(self, losses: Losses, window: _Window | None) -> tuple[int, int, int]:
+        """What every rank must share for this call (:func:`gradbalance.distributed.call_fingerprint`)."""
+        return distributed_mod.call_fingerprint(losses, 0 if window is None else window.calls, self.step_count)
+
     def _apply_task_weights(self, names: tuple[str, ...], values: list[Tensor]) -> list[Tensor]:
         tw = self.task_weights
         if tw is None:
@@ -281,24 +304,21 @@ class Balancer:
         """Compute, combine and write the gradients of one (micro-)batch; see the module doc."""
         params = self._all_params()
         sync = self._resolve_sync(params)
-        names, values = self._prepare(losses, check_finite=sync is None)
-        if not isinstance(losses, Mapping):
-            previous = self._unnamed_k
-            if previous is not None and previous != len(values) and self.method.state_dict():
-                raise ValueError(
-                    f"got {len(values)} losses but {previous} at the previous step, and "
-                    f"{type(self.method).__name__} keeps state between steps: pass losses as a "
-                    "dict {name: loss or None} so that tasks are matched by name"
-                )
-            self._unnamed_k = len(values)
         window = self._window
-        if window is not None and window.names != names:
-            raise ValueError(
-                f"the tasks changed within an accumulation window ({list(window.names)} -> "
-                f"{list(names)}); call step() or zero_grad() first"
-            )
-        if features is not None and not isinstance(features, Tensor):
-            raise TypeError(f"features must be a tensor, got {type(features).__name__}")
+        try:
+            names, values = self._prepare(losses, check_finite=sync is None)
+            self._check_call(losses, names, values, window, features)
+        except (ValueError, TypeError) as err:
+            if sync is None:
+                raise
+            # A rank that raises here alone would leave the others waiting in a collective: every
+            # rank learns of it in the agreement below and raises the same error.
+            sync.agree(self._fingerprint(losses, window), err, distributed_mod.local(params[0]).device)
+            raise  # pragma: no cover - agree() always raises when a rank failed
+        if sync is not None:
+            sync.agree(self._fingerprint(losses, window), None, distributed_mod.local(params[0]).device)
+        if not isinstance(losses, Mapping):
+            self._unnamed_k = len(values)
         scale = 1.0
         scaled = scaler is not None and scaler.is_enabled()
         if scaled:
