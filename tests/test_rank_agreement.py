@@ -124,7 +124,7 @@ def runs(tmp_path_factory):
 ])
 def test_every_rank_raises_the_same_error_at_once(runs, name, case, what):
     (t0, m0, s0), (t1, m1, s1) = runs[0][(case, name)], runs[1][(case, name)]
-    assert t0 == t1 == "RankMismatchError", (m0, m1)
+    assert t0 == t1 == RankMismatchError.__name__, (m0, m1)
     assert m0 == m1  # the same message on every rank
     assert what in m0
     assert max(s0, s1) < 10  # well inside the 20 s process-group timeout: no rank waited for it
