@@ -260,7 +260,8 @@ def test_include_selects_before_the_towers_are_compared():
     l2 = ((wa - wb) ** 2).sum() + ((ba - bb) ** 2).sum()
     torch.testing.assert_close(soft_sharing_penalty(towers, include=hidden), l2)
     torch.testing.assert_close(SoftSharing(towers).penalty(include=hidden, weight=0.5), 0.5 * l2)
-    trace = sum(torch.linalg.svdvals(torch.stack([p.reshape(-1), q.reshape(-1)])).sum() for p, q in ((wa, wb), (ba, bb)))
+    trace = sum(torch.linalg.svdvals(torch.stack([p.reshape(-1), q.reshape(-1)])).sum()
+                for p, q in ((wa, wb), (ba, bb)))
     torch.testing.assert_close(soft_sharing_penalty(towers, "trace", include=hidden), trace)
     group = torch.sqrt(wa**2 + wb**2).sum() + torch.sqrt(ba**2 + bb**2).sum()
     torch.testing.assert_close(group_sparsity_penalty(towers, include=hidden), group)
@@ -270,7 +271,8 @@ def test_include_selects_before_the_towers_are_compared():
     # without include the towers do not match, and the error says so
     with pytest.raises(ValueError, match="same architecture"):
         soft_sharing_penalty(towers)
-    same_names = {"a": nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)), "b": nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 5))}
+    same_names = {"a": nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)),
+                  "b": nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 5))}
     with pytest.raises(ValueError, match="different shapes"):
         group_sparsity_penalty(same_names)
     assert float(group_sparsity_penalty(same_names, include=lambda n: n.startswith("0.")).detach()) > 0
