@@ -229,15 +229,15 @@ def utkface(folder: str | Path, size: int = 64, strict: bool = True, limit: int 
 #: imbalanced like UTKFace, where white is the largest class and "others" the smallest
 SYNTH_RACE_P = (0.42, 0.19, 0.15, 0.17, 0.07)
 #: one mean RGB colour per synthetic race class (the cue the race head has to read)
-SYNTH_COLOURS = ((0.85, 0.70, 0.60), (0.35, 0.25, 0.20), (0.80, 0.65, 0.45), (0.60, 0.42, 0.30),
-                 (0.65, 0.55, 0.55))
+SYNTH_COLOURS = ((0.95, 0.80, 0.70), (0.50, 0.33, 0.25), (0.90, 0.75, 0.40), (0.72, 0.50, 0.32),
+                 (0.70, 0.62, 0.85))
 
 
 def synthetic_faces(n: int, size: int = 32, seed: int = 0, noise: float = 0.08) -> TensorDataset:
     """A synthetic stand-in for UTKFace with the same contract as :func:`utkface`:
     ``TensorDataset(x, age, gender, race)``, ``x`` (n, 3, size, size) in [0, 1].
 
-    Each image is a disc ("face") on a grey background; each label sets one visible property,
+    Each image is a disc ("face") on a dark background; each label sets one visible property,
     so the three tasks are learnable from the pixels and conflict only through the shared trunk:
 
     * ``race`` (0..4, drawn with :data:`SYNTH_RACE_P`): the disc's colour (:data:`SYNTH_COLOURS`);
@@ -265,7 +265,7 @@ def synthetic_faces(n: int, size: int = 32, seed: int = 0, noise: float = 0.08) 
     stripes_v = torch.cos(2 * math.pi * xx * size / period).expand(size, size)
     texture = torch.where(gender[:, None, None] == 1, stripes_v, stripes_h)
     colour = torch.tensor(SYNTH_COLOURS)[race]  # (n, 3)
-    face = colour[:, :, None, None] * (1 + 0.15 * texture[:, None])
-    x = 0.5 * (1 - disc[:, None]) + face * disc[:, None]
+    face = colour[:, :, None, None] * (1 + 0.1 * texture[:, None])
+    x = 0.1 * (1 - disc[:, None]) + face * disc[:, None]
     x = (x + noise * torch.randn(x.shape, generator=g)).clamp(0, 1)
     return TensorDataset(x, age, gender.float(), race)

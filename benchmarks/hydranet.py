@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None) -> str:
         "",
         f"Model: {model.trunk_source} trunk, linear heads; the age head's bias starts at the training median. "
         f"Adam lr {args.lr:g}, batch {args.batch}, {args.epochs} epochs, seed {args.seed} (same initialisation "
-        "and batch order for every method); `opt.backward([l1, bce, ce], features=z)` with "
-        "`shared_params=model.trunk`. The losses are not rescaled: at initialisation they are "
+        "and batch order for every method); `opt.backward({'age': l1, 'gender': bce, 'race': ce}, "
+        "features=z)` with `shared_params=model.trunk`. The losses are not rescaled: at initialisation they are "
         f"{init[0]:.2f} (age L1, years), {init[1]:.3f} (gender BCE), {init[2]:.3f} (race CE).",
         "",
         "Test metrics after the last epoch (one seed: read differences of a point or two as noise):",
