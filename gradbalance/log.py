@@ -146,9 +146,10 @@ def cosine_heatmap(cosine: Any, task_names: Sequence[str], ax: Any = None, *, ti
 
 def _render(draw: Callable[[Any], Any]) -> np.ndarray:
     """Draw into a fresh one-axes figure (no pyplot state) and return it as (H, W, 3) uint8 RGB."""
+    figure = _figure_class("log_info(heatmap=True)")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    fig = _figure_class("a heatmap image")(figsize=(4.0, 3.4), dpi=80)
+    fig = figure(figsize=(4.0, 3.4), dpi=80)
     canvas = FigureCanvasAgg(fig)
     draw(fig.add_subplot())
     fig.tight_layout()

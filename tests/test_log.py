@@ -224,3 +224,52 @@ def test_plot_without_matplotlib_says_what_is_missing(monkeypatch, tmp_path):
     with pytest.raises(ImportError, match="needs matplotlib"):
         history.plot()
     assert len(History.load(history.save(tmp_path / "h.npz"))) == 1  # saving does not need it
+
+
+def test_heatmap_without_matplotlib_says_what_is_missing(monkeypatch):
+    info = _info()
+
+    class Writer:
+        def __init__(self):
+            self.scalars, self.images = [], []
+
+        def add_scalar(self, *args):
+            self.scalars.append(args)
+
+        def add_image(self, *args, **kwargs):
+            self.images.append(args)
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match="needs matplotlib"):
+        log_info(info, Writer(), step=0, heatmap=True)
+    writer = Writer()
+    log_info(info, writer, step=0)  # scalars alone need nothing
+    assert writer.scalars and not writer.images
+
+
+def test_heatmap_image_through_a_plain_writer_shows_the_matrix():
+    """The image handed to add_image is an (H, W, 3) uint8 array; a conflicting pair is red."""
+    pytest.importorskip("matplotlib")
+    info = StepInfo(weights=torch.ones(2), losses=torch.ones(2), grad_norms=torch.ones(2),
+                    cosine=torch.tensor([[1.0, -1.0], [-1.0, 1.0]]), engine="loop", task_names=("a", "b"))
+    images = []
+
+    class Writer:
+        def add_scalar(self, *args):
+            pass
+
+        def add_image(self, tag, image, step, dataformats):
+            images.append((tag, image, step, dataformats))
+
+    log_info(info, Writer(), step=4, heatmap=True, prefix="gb/")
+    ((tag, image, step, fmt),) = images
+    assert tag == "gb/cosine" and step == 4 and fmt == "HWC"
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    red = (image[..., 0].astype(int) - image[..., 2].astype(int)) > 80
+    blue = (image[..., 2].astype(int) - image[..., 0].astype(int)) > 80
+    assert red.sum() > 100 and blue.sum() > 100  # the -1 cells and the +1 diagonal
+    # no cosines (a loss-weighting step): nothing drawn
+    info.cosine = None
+    log_info(info, Writer(), step=5, heatmap=True)
+    assert len(images) == 1
