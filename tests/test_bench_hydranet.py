@@ -154,3 +154,11 @@ def test_unknown_method_and_missing_folder(tmp_path):
         script.main(["--quick", "--method", "nope", "--out", str(tmp_path / "x.md")])
     with pytest.raises(ValueError, match="not found"):
         script.main(["--quick", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x.md")])
+
+
+def test_quick_run_never_overwrites_the_committed_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(script, "RESULTS", tmp_path)
+    script.main(["--quick", "--n", "40", "--epochs", "1", "--method", "mean"])
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["hydranet-mean-quick.json", "hydranet-mean-quick.png", "hydranet-quick.md",
+                       "hydranet-quick.png"]
