@@ -14,6 +14,7 @@ BENCHMARKS = {
     "toy": ("benchmarks.toy", "the 2-D two-task problem of CAGrad/Nash-MTL/FAMO: trajectories of every method"),
     "multidigits": ("benchmarks.multidigits", "two overlapped digits, LeNet trunk, every method, 3 seeds"),
     "mixed": ("benchmarks.mixed", "regression + binary + multi-class heads on one trunk (UTKFace layout too)"),
+    "hydranet": ("benchmarks.hydranet", "ResNet trunk, age/gender/race heads on UTKFace (or a synthetic stand-in)"),
     "overhead": ("benchmarks.overhead", "per-step time and memory of each method/engine against a plain step"),
     "solvers": ("benchmarks.solvers", "min-norm solvers: time per solve and distance to the cvxpy optimum"),
     "sharing": ("benchmarks.sharing", "hard vs soft sharing vs cross-stitch vs MMoE on two-digit images"),

@@ -5,11 +5,11 @@
     info = opt.backward([loss_a, loss_b]); opt.step()
 """
 
-from gradbalance import methods, nn
+from gradbalance import log, methods, nn
 from gradbalance.info import StepInfo
 from gradbalance.methods.base import available_methods
 from gradbalance.optim import GradBalance, backward
 
 __version__ = "0.1.0"
 
-__all__ = ["GradBalance", "StepInfo", "__version__", "available_methods", "backward", "methods", "nn"]
+__all__ = ["GradBalance", "StepInfo", "__version__", "available_methods", "backward", "log", "methods", "nn"]

@@ -880,6 +880,13 @@ class Balancer:
         if gram is not None:
             norms, cosine = gram_diagnostics(gram)
         weights = agg.weights.detach() if agg.weights is not None else None
+        # what the heads got (StepInfo.head_weights): the method's own head weights where the
+        # wrapper knows the heads, ones for a direction-only method, None when they got `weights`
+        head_weights = None
+        if agg.head_weights is not None and self._shared is not None:
+            head_weights = agg.head_weights.detach()
+        elif weights is None:
+            head_weights = torch.ones(len(names), dtype=torch.float64, device=losses.device)
         extras = dict(agg.extras)
         if self.sync is not None:
             extras["distributed"] = self.sync.strategy + (" (fsdp)" if self.sync.fsdp else "")
@@ -892,6 +899,7 @@ class Balancer:
             engine=engine,
             task_names=names,
             extras=extras,
+            head_weights=head_weights,
         )
 
     # ------------------------------------------------------------------ window control
