@@ -95,7 +95,8 @@ def describe(tg: TaskGradients) -> tuple[str, dict[str, object]]:
     (``"batched (fallback: op, ...)"``) and by :attr:`TaskGradients.note`; the extras hold the
     same facts as separate keys (``vmap_fallback``, ``engine_note``, ``chunk_size``).
     """
-    parts, extras = [], {}
+    parts: list[str] = []
+    extras: dict[str, object] = {}
     if tg.fallback:
         parts.append(f"fallback: {', '.join(tg.fallback)}")
         extras["vmap_fallback"] = ", ".join(tg.fallback)
@@ -130,8 +131,8 @@ def unflatten(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
 def _nodes(roots: Sequence[Tensor], stop: Tensor | None = None) -> Iterator[object]:
     """Every autograd node reachable from ``roots``, not going past ``stop``'s node."""
     barrier = None if stop is None else stop.grad_fn
-    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
-    seen = set()
+    stack: list = [t.grad_fn for t in roots if t.grad_fn is not None]
+    seen: set = set()
     while stack:
         fn = stack.pop()
         if fn is None or fn in seen or (barrier is not None and fn is barrier):
@@ -177,7 +178,8 @@ def _loop(
     losses: Sequence[Tensor], shared: Sequence[Tensor], heads: Sequence[Tensor], retain_graph: bool
 ) -> TaskGradients:
     params = list(shared) + list(heads)
-    head_grads, reached = [], []
+    head_grads: list[list[Tensor | None]] = []
+    reached: list[bool] = []
     k = len(losses)
     n = len(shared)
     if n == 0:
@@ -423,7 +425,10 @@ def task_gradients(
         if any(id(p) in before for p in after):
             return _with(_from_losses(losses, shared, heads, chunk_size), note="shared parameter after features")
     k = len(losses)
-    gz, head_grads, on_z, after_grads = [], [], [], []
+    gz: list[Tensor] = []
+    head_grads: list[list[Tensor | None]] = []
+    on_z: list[bool] = []
+    after_grads: list[tuple[Tensor | None, ...]] = []
     nh = len(heads)
     for loss in losses:  # through the heads only (the walk does not go past z)
         grads = torch.autograd.grad(loss, [features, *heads, *after], retain_graph=True, allow_unused=True)
