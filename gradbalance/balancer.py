@@ -121,8 +121,10 @@ class Balancer:
         self._cached: tuple[tuple[str, ...], Tensor, Tensor | None] | None = None
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if chunk_size is not None and chunk_size != "auto" and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(f"chunk_size must be a positive int, 'auto' or None, got {chunk_size!r}")
         if accumulation not in ACCUMULATIONS:
             raise ValueError(f"accumulation must be one of {ACCUMULATIONS}, got {accumulation!r}")
         if self.method.mode not in ("exact", "representation"):
@@ -545,28 +547,8 @@ class Balancer:
         engine = self._pick_engine(features, shared)
         if engine == "batched":
             self._check_reach(names, values, shared)
-        try:
-            tg = jacobian.task_gradients(
-                values, shared, heads, engine=engine, features=features, chunk_size=self.chunk_size
-            )
-        except RuntimeError as err:
-            if engine != "batched":
-                raise
-            # e.g. compiled (inductor) graphs with out= kernels that vmap cannot run at all
-            tg = jacobian.task_gradients(values, shared, heads, engine="loop")
-            tg.fallback = (f"{type(err).__name__}: {str(err).splitlines()[0][:120]}",)
-        engine_name = tg.engine
-        if tg.fallback:
-            engine_name = f"batched (fallback: {', '.join(tg.fallback)})"
-            if not self._use_loop:
-                warnings.warn(
-                    "gradbalance: the batched engine could not batch "
-                    f"{', '.join(tg.fallback)} (no vmap batching rule); this step is exact, "
-                    "later steps use the loop engine",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-            self._use_loop = True
+        tg = self._task_gradients(values, shared, heads, engine, features)
+        engine_name, engine_extras = jacobian.describe(tg)
         for name, ok in zip(names, tg.reached or []):
             if not ok:
                 raise ValueError(
@@ -644,7 +626,7 @@ class Balancer:
         self._write(targets, contribution, previous)
         self._close(names, losses, agg, written=contribution, grads=grads, heads=head_grads,
                     gram=gram if feature_grads is not None else None)
-        return self._info(names, losses, agg, gram, engine_name)
+        return self._info(names, losses, agg, gram, engine_name, engine_extras)
 
     # -- path 4: FSDP2. autograd.grad cannot reach sharded parameters: k ordinary backward passes
     #    (FSDP reduce-scatters each), the local shards' Grams summed across ranks = the exact Gram
@@ -782,11 +764,33 @@ class Balancer:
             return "loop"
         if self.engine == "batched":
             return "batched"
-        # auto: the batched VJP pays off on accelerators where kernel launches dominate and the
-        # representation is known; on CPU it measured no faster than the loop (docs/guide/engines.md).
-        if features is not None and shared[0].device.type != "cpu":
-            return "batched"
-        return "loop"
+        # auto: the batched VJP (torch.func.vmap) pays off on accelerators, where kernel launches
+        # dominate; on CPU it measured slower than the loop (docs/guide/engines.md). A compiled
+        # graph is sent to the loop by jacobian.task_gradients itself, before anything runs.
+        return "batched" if shared[0].device.type != "cpu" else "loop"
+
+    def _task_gradients(self, values, shared, heads, engine: str, features) -> jacobian.TaskGradients:
+        """The task gradients by ``engine``; the batched engine's chunk is ``"auto"`` when
+        ``engine="auto"`` chose it and no ``chunk_size`` was given. If vmap raises (an op it
+        cannot run at all, as opposed to one it runs per task), this step reruns with the loop
+        (nothing was written yet), warns once, and later steps use the loop."""
+        chunk = self.chunk_size
+        if chunk is None and self.engine == "auto":
+            chunk = "auto"
+        try:
+            return jacobian.task_gradients(values, shared, heads, engine=engine, features=features,
+                                           chunk_size=chunk)
+        except RuntimeError as err:
+            if engine != "batched":
+                raise
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+            if not self._use_loop:
+                warnings.warn(f"gradbalance: the batched engine failed ({reason}); this step and the "
+                              "later ones use the loop engine", RuntimeWarning, stacklevel=5)
+            self._use_loop = True
+            tg = jacobian.task_gradients(values, shared, heads, engine="loop")
+            tg.note = f"batched failed: {reason}"
+            return tg
 
     def _gram(self, grads: Tensor, names: tuple[str, ...]) -> Tensor:
         return self._checked_gram((grads @ grads.T).double(), names)
@@ -875,7 +879,8 @@ class Balancer:
         window.calls += 1
         self._window = window
 
-    def _info(self, names, losses, agg: Aggregation, gram: Tensor | None, engine: str) -> StepInfo:
+    def _info(self, names, losses, agg: Aggregation, gram: Tensor | None, engine: str,
+              engine_extras: dict[str, Any] | None = None) -> StepInfo:
         norms = cosine = None
         if gram is not None:
             norms, cosine = gram_diagnostics(gram)
@@ -888,6 +893,7 @@ class Balancer:
         elif weights is None:
             head_weights = torch.ones(len(names), dtype=torch.float64, device=losses.device)
         extras = dict(agg.extras)
+        extras.update(engine_extras or {})
         if self.sync is not None:
             extras["distributed"] = self.sync.strategy + (" (fsdp)" if self.sync.fsdp else "")
             extras["comm_bytes"] = self.sync.bytes_sent
