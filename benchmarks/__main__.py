@@ -15,6 +15,7 @@ BENCHMARKS = {
     "multidigits": ("benchmarks.multidigits", "two overlapped digits, LeNet trunk, every method, 3 seeds"),
     "mixed": ("benchmarks.mixed", "regression + binary + multi-class heads on one trunk (UTKFace layout too)"),
     "overhead": ("benchmarks.overhead", "per-step time and memory of each method/engine against a plain step"),
+    "gram": ("benchmarks.gram", "engine='gram' (no k x P matrix) vs loop, batched and torchjd autogram"),
     "solvers": ("benchmarks.solvers", "min-norm solvers: time per solve and distance to the cvxpy optimum"),
     "sharing": ("benchmarks.sharing", "hard vs soft sharing vs cross-stitch vs MMoE on two-digit images"),
     "ddp": ("benchmarks.ddp_multidigits", "MultiDigits under DDP (launches 2 CPU processes with torchrun)"),
