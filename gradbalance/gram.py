@@ -221,6 +221,54 @@ def _activation_hook(acc: _Accumulator, key: int, x: Tensor) -> Any:
     return prehook
 
 
+class _Holder:
+    """Owns the ``k`` cotangents until the batched backward takes them (a plain object: ``vmap``
+    would copy a list or dict, which are pytrees)."""
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor: Tensor | None = tensor
+
+    def take(self) -> Tensor:
+        tensor, self.tensor = self.tensor, None
+        if tensor is None:
+            raise RuntimeError("gram engine: the cotangents were taken twice")
+        return tensor
+
+
+class _Release(torch.autograd.Function):
+    """Under ``vmap``: hands over the ``(k, ...)`` cotangents as the batched gradient, keeping no
+    reference, so autograd frees them once the first node has used them (else they would stay
+    alive through the whole backward: one more ``k x`` activation-sized buffer at the peak)."""
+
+    @staticmethod
+    def forward(g: Tensor, holder: _Holder) -> Tensor:  # type: ignore[override]
+        raise RuntimeError("gram engine: _Release runs only under vmap")
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def vmap(info: Any, in_dims: Any, g: Tensor, holder: _Holder) -> Any:
+        return holder.take(), 0
+
+
+class _Source(torch.autograd.Function):
+    """A scalar node above ``z`` whose backward yields the held cotangents as ``z``'s gradient."""
+
+    @staticmethod
+    def forward(z: Tensor, holder: _Holder) -> Tensor:  # type: ignore[override]
+        return z.new_zeros(())
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        ctx.holder = inputs[1]
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Any:  # type: ignore[override]
+        return _Release.apply(g, ctx.holder), None
+
+
 # --------------------------------------------------------------------------- the graph
 def _walk(roots: Sequence[Any], stop: Any = None) -> tuple[list[Any], dict[Any, int]]:
     """Every node reachable from ``roots`` (not descending into ``stop``) and the number of edges
@@ -360,7 +408,10 @@ def gram_matrix(
             (g,) = torch.autograd.grad(loss, features, retain_graph=True)
             cotangents[i].copy_(g)
             del g
-        root, route = features, "features"
+        # the batched backward starts at a scalar node above z that hands autograd the buffer
+        root = _Source.apply(features, _Holder(cotangents))
+        cotangents = torch.ones(k, dtype=features.dtype, device=features.device)
+        route = "features"
     else:
         root = torch.stack([v.reshape(()) for v in losses])
         cotangents = torch.eye(k, dtype=root.dtype, device=root.device)
