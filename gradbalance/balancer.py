@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from gradbalance import distributed as distributed_mod
+from gradbalance import gram as gram_mod
 from gradbalance import jacobian
 from gradbalance.info import StepInfo, gram_diagnostics
 from gradbalance.methods.base import Aggregation, Method, TaskInputs, make_method
@@ -39,7 +40,7 @@ from gradbalance.methods.base import Aggregation, Method, TaskInputs, make_metho
 __all__ = ["Balancer", "Losses", "as_parameter_list"]
 
 Losses = Sequence[Tensor] | Mapping[str, Tensor | None]
-ENGINES = ("auto", "loop", "batched")
+ENGINES = ("auto", "loop", "batched", "gram")
 ACCUMULATIONS = ("exact", "combine", "buffered")
 
 
@@ -86,7 +87,7 @@ class Balancer:
         shared_params: the shared parameters, or ``None`` to infer them on the first step as
             the parameters that more than one loss reaches (with one loss: all it reaches).
         params: callable returning every trainable parameter (shared and task-specific).
-        engine: ``"auto"``, ``"loop"`` or ``"batched"``.
+        engine: ``"auto"``, ``"loop"``, ``"batched"`` or ``"gram"`` (:meth:`_gram_step`).
         chunk_size: tasks per batched call (bounds the batched engine's memory).
         task_weights: static weights multiplied into the losses before the method sees them,
             a sequence of k numbers or a mapping from task name to weight (missing names: 1).
@@ -134,7 +135,10 @@ class Balancer:
         self.process_group = process_group
         self.sync: distributed_mod.Sync | None = None
         self._sync_resolved = False
+        if engine == "gram":
+            _check_gram_engine(self.method, accumulation)
         self.engine = engine
+        self._gram_off = False  # engine="gram" fell back to the loop (exact accumulation)
         self.chunk_size = chunk_size
         self.accumulation = accumulation
         self._warned_inexact = False
@@ -358,6 +362,8 @@ class Balancer:
             partial = [id(p) for p in subset] != [id(p) for p in shared]
             if partial and not buffered:
                 return self._subset_step(names, values, params, call, prev, scale, None, subset)
+            if not partial and self._use_gram(len(names), shared):
+                return self._gram_step(names, values, params, call, prev, scale, features)
             return self._exact_step(names, values, params, call, prev, scale, features,
                                     subset if partial else None)
         except _NonFinite as err:
@@ -628,6 +634,65 @@ class Balancer:
                     gram=gram if feature_grads is not None else None)
         return self._info(names, losses, agg, gram, engine_name, engine_extras)
 
+    # -- path 3b: engine="gram": the method's Gram matrix without the k x P task gradients
+    #    (gradbalance.gram), then one ordinary backward of sum_i w_i L_i for shared params and heads
+    def _use_gram(self, k: int, shared: list[Tensor]) -> bool:
+        """Whether this step of a requires="gram" method on every shared parameter runs the Gram
+        engine: engine="gram", or engine="auto" when the k x P matrix would exceed
+        ``gram.AUTO_BUDGET_BYTES``. A second call in an accumulation="exact" window cannot be exact
+        without the first call's task gradients: warn once, use the loop from then on."""
+        method = self.method
+        if self._gram_off or method.requires != "gram" or method.mode != "exact":
+            return False
+        if self.accumulation == "buffered" or self._use_loop:
+            return False
+        if self.engine == "auto":
+            if self.sync is not None or not gram_mod.prefer_gram(k, shared):
+                return False
+        elif self.engine != "gram":
+            return False
+        if self.sync is not None:
+            raise ValueError(
+                "engine='gram' does not support distributed training: the global batch's Gram matrix "
+                "needs the cross-rank terms of the task gradients, which it never forms. Use "
+                "engine='loop' (distributed='reduce_scatter' communicates about (k+1)P numbers, "
+                "exact) or distributed='off'"
+            )
+        window = self._window
+        if window is not None and self._keeps_window and window.calls > 0:
+            self._gram_off = True
+            warnings.warn(
+                "engine='gram' with accumulation='exact': a second backward call before step() needs "
+                "the cross terms between the calls' task gradients, which the Gram engine does not "
+                "keep. This window combines this call on its own (as accumulation='combine' would); "
+                "from the next step on the loop engine runs, exact. Pass accumulation='combine' to "
+                "keep the Gram engine with per-call combination.",
+                UserWarning, stacklevel=4,
+            )
+            return False
+        return True
+
+    def _gram_step(self, names, values, params, call, prev, scale, features) -> StepInfo:
+        shared = self._shared
+        assert shared is not None  # set by backward() before any exact path
+        self._check_reach(names, values, shared)
+        result = gram_mod.gram_matrix(values, shared, features=features)
+        # GradScaler: M of the unscaled gradients (the losses were scaled by ``scale``)
+        gram = self._checked_gram(result.gram if scale == 1.0 else result.gram / scale**2, names)
+        losses = self._total(names, call, prev)
+        agg = self._aggregate(TaskInputs(losses=losses, gram=gram, task_names=names, step=self.step_count))
+        if agg.weights is None:
+            raise ValueError(f"{type(self.method).__name__} returned a direction, which engine='gram' "
+                             "cannot apply; use engine='loop'")
+        out = jacobian.weighted_gradients(values, agg.weights, params,
+                                          retain_graph=agg.head_weights is not None)
+        if agg.head_weights is not None:
+            out = self._reweight_heads(values, params, out, agg.head_weights)
+        self._check_finite(out, names, scale)
+        self._add_to_grad(params, out)
+        self._close(names, losses, agg, written=None)
+        return self._info(names, losses, agg, gram, "gram")
+
     # -- path 4: FSDP2. autograd.grad cannot reach sharded parameters: k ordinary backward passes
     #    (FSDP reduce-scatters each), the local shards' Grams summed across ranks = the exact Gram
     def _fsdp_step(self, names, values, params, call, prev, scale) -> StepInfo:
@@ -760,7 +825,7 @@ class Balancer:
         return out
 
     def _pick_engine(self, features: Tensor | None, shared: list[Tensor]) -> str:
-        if self.engine == "loop" or self._use_loop:
+        if self.engine in ("loop", "gram") or self._use_loop:
             return "loop"
         if self.engine == "batched":
             return "batched"
@@ -952,6 +1017,19 @@ class Balancer:
         if reuse is not None:
             self._cached = (tuple(reuse["tasks"]), reuse["weights"].clone(),
                             reuse.get("head_weights"))
+
+
+def _check_gram_engine(method: Method, accumulation: str) -> None:
+    """engine="gram" needs a method that reads only the Gram matrix (it never forms the gradients)."""
+    if method.requires == "grads":
+        raise ValueError(
+            f"engine='gram' computes only the Gram matrix of the task gradients, but "
+            f"{type(method).__name__} needs the gradients themselves (requires='grads'); use "
+            "engine='loop' or 'batched'"
+        )
+    if accumulation == "buffered":
+        raise ValueError("accumulation='buffered' keeps the k x P task gradients, which engine='gram' "
+                         "never forms; use accumulation='exact' or 'combine' with engine='gram'")
 
 
 class _NonFinite(ValueError):
