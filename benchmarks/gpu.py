@@ -14,7 +14,8 @@ On a CUDA machine, within about 8 minutes in all (about 5 on an H100/H200):
    ViT-style trunk (patch 16, width 384, depth 6, 6 heads, batch 64, 128 px), ``k`` cross-entropy
    heads, at k = 2 / 10 / 40, fp32 with TF32 off. Columns: a plain ``sum(losses).backward()``
    step, GradBalance MGDA with ``engine="loop"``, ``"batched"`` (all tasks in one call) and
-   ``"auto"`` (on CUDA: batched with ``chunk_size="auto"``), MGDA-UB (representation mode: the
+   ``"auto"`` (on CUDA: batched with ``chunk_size="auto"``), ``"gram"`` (the Gram matrix without
+   the k x P matrix, :mod:`gradbalance.gram`), MGDA-UB (representation mode: the
    gradients w.r.t. the trunk output, then one backward) and torchjd's ``mtl_backward`` + MGDA
    when torchjd is importable. Each cell: median step time over the timed steps divided by the
    plain step's (CUDA-synchronised; a step is forward + backward/balancing + ``SGD.step()``),
@@ -64,12 +65,14 @@ from benchmarks.common import RESULTS, environment, markdown_table, write_result
 ROOT = Path(__file__).resolve().parents[1]
 FULL_KS = (2, 10, 40)
 QUICK_KS = (2, 3)
-COLUMNS = ("plain", "loop", "batched", "auto", "representation", "torchjd")
+COLUMNS = ("plain", "loop", "batched", "auto", "gram", "representation", "torchjd")
+ENGINE_COLUMNS = ("loop", "batched", "auto", "gram", "representation")  # GradBalance columns
 TITLES = {
     "plain": "plain step",
     "loop": "MGDA, loop",
     "batched": "MGDA, batched",
     "auto": "MGDA, auto",
+    "gram": "MGDA, gram",
     "representation": "MGDA-UB (representation)",
     "torchjd": "torchjd MGDA",
 }
@@ -141,7 +144,8 @@ def make_cells(setup: overhead.Setup) -> list[Cell]:
 
     cells.append(Cell("plain", plain))
     for column, method, engine in (("loop", "mgda", "loop"), ("batched", "mgda", "batched"),
-                                   ("auto", "mgda", "auto"), ("representation", "mgda_ub", "auto")):
+                                   ("auto", "mgda", "auto"), ("gram", "mgda", "gram"),
+                                   ("representation", "mgda_ub", "auto")):
         opt = gb.GradBalance(torch.optim.SGD(params, lr=1e-4), method, shared_params=setup.trunk, engine=engine)
         cell = Cell(column, None)
 
@@ -316,10 +320,8 @@ def report(rows: list[dict], tests: dict | None, command: str, seconds: float) -
         out += [markdown_table(["k", "plain step", *[TITLES[c] for c in COLUMNS[1:]]], table)]
         ran = []
         for r in mrows:
-            ran.append([r["k"], *[(r.get(c) or {}).get("ran", "") or "-" for c in ("loop", "batched", "auto",
-                                                                                   "representation")]])
-        out += ["`StepInfo.engine` of the last step:", "",
-                markdown_table(["k", "loop", "batched", "auto", "representation"], ran)]
+            ran.append([r["k"], *[(r.get(c) or {}).get("ran", "") or "-" for c in ENGINE_COLUMNS]])
+        out += ["`StepInfo.engine` of the last step:", "", markdown_table(["k", *ENGINE_COLUMNS], ran)]
     return "\n".join(out)
 
 

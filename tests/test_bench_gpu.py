@@ -29,13 +29,13 @@ def test_quick_run_writes_table_and_plot(tmp_path, capsys):
     for row in ratios:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1].endswith(" ms")
-        for cell in cells[2:6]:  # loop, batched, auto, representation
+        for cell in cells[2:7]:  # loop, batched, auto, gram, representation
             ratio, mem = float(cell.split()[0]), float(cell.split("(")[1].rstrip(")"))
             assert math.isfinite(ratio) and ratio > 0 and math.isfinite(mem) and mem > 0
-        assert cells[6] == "not installed" or float(cells[6].split()[0]) > 0  # torchjd
+        assert cells[7] == "not installed" or float(cells[7].split()[0]) > 0  # torchjd
     for row in engines:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[1:] == ["loop", cells[2], "loop", "representation"]  # auto on CPU: the loop
+        assert cells[1:] == ["loop", cells[2], "loop", "gram", "representation"]  # auto on CPU: the loop
         assert cells[2].startswith("batched")
     assert "batched (fallback: _scaled_dot_product" in engines[1]  # the ViT's CPU attention backward
 
