@@ -14,9 +14,12 @@ BENCHMARKS = {
     "toy": ("benchmarks.toy", "the 2-D two-task problem of CAGrad/Nash-MTL/FAMO: trajectories of every method"),
     "multidigits": ("benchmarks.multidigits", "two overlapped digits, LeNet trunk, every method, 3 seeds"),
     "mixed": ("benchmarks.mixed", "regression + binary + multi-class heads on one trunk (UTKFace layout too)"),
+    "hydranet": ("benchmarks.hydranet", "ResNet trunk, age/gender/race heads on UTKFace (or a synthetic stand-in)"),
     "overhead": ("benchmarks.overhead", "per-step time and memory of each method/engine against a plain step"),
+    "gram": ("benchmarks.gram", "engine='gram' (no k x P matrix) vs loop, batched and torchjd autogram"),
     "solvers": ("benchmarks.solvers", "min-norm solvers: time per solve and distance to the cvxpy optimum"),
     "sharing": ("benchmarks.sharing", "hard vs soft sharing vs cross-stitch vs MMoE on two-digit images"),
+    "gpu": ("benchmarks.gpu", "the GPU check in one call: CUDA tests, engine overhead on ResNet-18 and a ViT"),
     "ddp": ("benchmarks.ddp_multidigits", "MultiDigits under DDP (launches 2 CPU processes with torchrun)"),
 }
 

@@ -9,11 +9,14 @@
 * :func:`diabetes_mixed`: regression + binary + multi-class targets from the real columns of the
   diabetes data bundled with scikit-learn (see its docstring for the choice).
 * :func:`utkface`: a loader for the UTKFace layout (``age_gender_race_date.jpg`` files in one
-  folder) feeding the same mixed benchmark when the user has the images.
+  folder) feeding the mixed and the HydraNet benchmarks when the user has the images;
+  :func:`synthetic_faces`: a generated stand-in with the same contract, for the HydraNet
+  example without the data.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from pathlib import Path
@@ -220,3 +223,49 @@ def utkface(folder: str | Path, size: int = 64, strict: bool = True, limit: int 
     ds = TensorDataset(torch.stack(xs), torch.tensor(ages), torch.tensor(genders), torch.tensor(races))
     ds.skipped = skipped  # type: ignore[attr-defined]
     return ds
+
+
+#: class proportions of the synthetic stand-in's races (white, black, asian, indian, others):
+#: imbalanced like UTKFace, where white is the largest class and "others" the smallest
+SYNTH_RACE_P = (0.42, 0.19, 0.15, 0.17, 0.07)
+#: one mean RGB colour per synthetic race class (the cue the race head has to read)
+SYNTH_COLOURS = ((0.95, 0.80, 0.70), (0.50, 0.33, 0.25), (0.90, 0.75, 0.40), (0.72, 0.50, 0.32),
+                 (0.70, 0.62, 0.85))
+
+
+def synthetic_faces(n: int, size: int = 32, seed: int = 0, noise: float = 0.08) -> TensorDataset:
+    """A synthetic stand-in for UTKFace with the same contract as :func:`utkface`:
+    ``TensorDataset(x, age, gender, race)``, ``x`` (n, 3, size, size) in [0, 1].
+
+    Each image is a disc ("face") on a dark background; each label sets one visible property,
+    so the three tasks are learnable from the pixels and conflict only through the shared trunk:
+
+    * ``race`` (0..4, drawn with :data:`SYNTH_RACE_P`): the disc's colour (:data:`SYNTH_COLOURS`);
+    * ``gender`` (0/1, balanced): a texture on the disc, horizontal (0) or vertical (1) stripes;
+    * ``age`` (1..90 years; a normal around 33 with sd 17, clipped, so most are young adults):
+      the disc's radius, from 0.18 to 0.45 of the side, growing with age.
+
+    The disc centre moves by up to 1/10 of the side, and Gaussian pixel noise (``noise``) is
+    added. Deterministic by ``seed``.
+    """
+    if n < 1 or size < 8:
+        raise ValueError(f"need n >= 1 and size >= 8, got n={n}, size={size}")
+    g = torch.Generator().manual_seed(seed)
+    race = torch.multinomial(torch.tensor(SYNTH_RACE_P), n, replacement=True, generator=g)
+    gender = torch.randint(0, 2, (n,), generator=g)
+    age = (33.0 + 17.0 * torch.randn(n, generator=g)).round().clamp(1, 90)
+    coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size  # pixel centres in (0, 1)
+    yy, xx = coords[:, None], coords[None, :]
+    shift = (torch.rand(n, 2, generator=g) - 0.5) * 0.2
+    radius = 0.18 + 0.27 * (age - 1) / 89
+    dist = ((yy[None] - 0.5 - shift[:, 0, None, None]) ** 2 + (xx[None] - 0.5 - shift[:, 1, None, None]) ** 2).sqrt()
+    disc = (dist <= radius[:, None, None]).float()  # (n, size, size)
+    period = max(2.0, size / 6)
+    stripes_h = torch.cos(2 * math.pi * yy * size / period).expand(size, size)
+    stripes_v = torch.cos(2 * math.pi * xx * size / period).expand(size, size)
+    texture = torch.where(gender[:, None, None] == 1, stripes_v, stripes_h)
+    colour = torch.tensor(SYNTH_COLOURS)[race]  # (n, 3)
+    face = colour[:, :, None, None] * (1 + 0.1 * texture[:, None])
+    x = 0.1 * (1 - disc[:, None]) + face * disc[:, None]
+    x = (x + noise * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    return TensorDataset(x, age, gender.float(), race)

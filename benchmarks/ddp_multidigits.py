@@ -199,7 +199,15 @@ def main() -> None:
     p.add_argument("--features", type=int, default=50, help="width of the trunk's last layer (50: LeNet)")
     p.add_argument("--bench", action="store_true", help="time plain DDP vs gradbalance's strategies")
     p.add_argument("--steps", type=int, default=30, help="timed steps per path (--bench)")
+    p.add_argument("--quick", action="store_true",
+                   help="seconds, not minutes: 1 epoch of 256 images (train) or 3 timed steps (--bench); "
+                        "explicit options still win")
     args = p.parse_args()
+    if args.quick:
+        given = [a.split("=")[0] for a in sys.argv[1:]]
+        for option, value in (("--epochs", 1), ("--n-train", 256), ("--n-test", 64), ("--steps", 3)):
+            if option not in given:
+                setattr(args, option[2:].replace("-", "_"), value)
     use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     dist.init_process_group("nccl" if use_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -5,7 +5,7 @@
     info = opt.backward([loss_a, loss_b]); opt.step()
 """
 
-from gradbalance import methods, nn
+from gradbalance import log, methods, nn
 from gradbalance.errors import NonFiniteError, RankMismatchError
 from gradbalance.info import StepInfo
 from gradbalance.methods.base import available_methods
@@ -23,6 +23,7 @@ __all__ = [
     "__version__",
     "available_methods",
     "backward",
+    "log",
     "methods",
     "nn",
 ]

@@ -8,19 +8,20 @@ window, the reuse cache, the engine switch) and does four things per call, in th
    features and window checks, the GradScaler's scaling (:class:`~gradbalance.paths.context.Scaling`);
 2. **choose a path** (:meth:`Balancer._choose`, first match wins):
 
-   =====================================================  ===========================================
-   condition                                              path (module under ``gradbalance.paths``)
-   =====================================================  ===========================================
-   ``accumulation="buffered"`` under ``distributed``      ``ValueError`` (not supported yet)
-   FSDP2 parameters                                       ``fsdp.fsdp_step``
-   ``method.requires == "losses"``, not buffered          ``losses.losses_step``
-   ``recompute_every > 1`` on a reuse step                ``losses.losses_step(reused=...)``
+   ========================================================  =========================================
+   condition                                                 path (module under ``gradbalance.paths``)
+   ========================================================  =========================================
+   ``accumulation="buffered"`` under ``distributed``         ``ValueError`` (not supported yet)
+   FSDP2 parameters                                          ``fsdp.fsdp_step``
+   ``method.requires == "losses"``, not buffered             ``losses.losses_step``
+   ``recompute_every > 1`` on a reuse step                   ``losses.losses_step(reused=...)``
    (infer the shared parameters if not given)
-   ``mode="representation"``, not buffered                ``subset.representation_step``
-   strict ``shared_subset``, not buffered                 ``subset.subset_step``
-   ``accumulation="buffered"``                            ``exact.buffered_step``
-   otherwise                                              ``exact.exact_step``
-   =====================================================  ===========================================
+   ``mode="representation"``, not buffered                   ``subset.representation_step``
+   strict ``shared_subset``, not buffered                    ``subset.subset_step``
+   ``engine="gram"`` (or ``"auto"`` over the memory budget)  ``gramian.gram_step``
+   ``accumulation="buffered"``                               ``exact.buffered_step``
+   otherwise                                                 ``exact.exact_step``
+   ========================================================  =========================================
 
 3. **run it** on one :class:`~gradbalance.paths.context.StepContext`; the path computes into
    locals and returns a :class:`~gradbalance.paths.context.StepResult` without changing anything;
@@ -58,6 +59,7 @@ import torch
 from torch import Tensor
 
 from gradbalance import distributed as distributed_mod
+from gradbalance import gram as gram_mod
 from gradbalance.errors import NonFiniteError
 from gradbalance.info import StepInfo
 from gradbalance.inputs import (
@@ -76,6 +78,7 @@ from gradbalance.options import Options
 from gradbalance.paths.context import Scaling, StepContext, StepResult
 from gradbalance.paths.exact import buffered_step, exact_step
 from gradbalance.paths.fsdp import fsdp_step
+from gradbalance.paths.gramian import gram_step
 from gradbalance.paths.losses import losses_step
 from gradbalance.paths.reduce import Reducer
 from gradbalance.paths.subset import representation_step, subset_step
@@ -110,6 +113,8 @@ class Balancer:
         if self.method.mode not in ("exact", "representation"):
             raise ValueError(f"method mode must be 'exact' or 'representation', got {self.method.mode!r}")
         distributed_mod.validate(self.options.distributed, self.method.requires)
+        if self.options.engine == "gram":
+            _check_gram_engine(self.method, self.options.accumulation)
         self._params = params
         self._shared: list[Tensor] | None = None if shared_params is None else as_parameter_list(shared_params)
         if self._shared is not None and not self._shared and self.method.requires != "losses":
@@ -129,7 +134,8 @@ class Balancer:
         self._window: Window | None = None
         # (task names, weights, head weights) of the last committed step, for recompute_every > 1
         self._cached: tuple[tuple[str, ...], Tensor, Tensor | None] | None = None
-        self._use_loop = False  # set once a batched call fell back to the loop (and succeeded)
+        self._use_loop = False  # set once a batched call raised (and the call succeeded with the loop)
+        self._gram_off = False  # engine="gram" met a second call of an exact window (loop from then on)
         self._blind_walk: tuple[str, ...] | None = None  # tasks whose reach only autograd.grad saw
         self._unnamed_k: int | None = None  # number of losses last passed as a list
         self._warned: set[str] = set()
@@ -203,6 +209,43 @@ class Balancer:
         loss under an active GradScaler is returned as an overflow instead of raised."""
         params = self._all_params()
         reducer = self._resolve_reducer(params)
+        window = self._window
+        scaling = Scaling(scaler)
+        fingerprint = distributed_mod.call_fingerprint(losses, 0 if window is None else window.calls,
+                                                       self.step_count)
+        device = distributed_mod.local(params[0]).device if params else None
+        try:
+            names, values, lonely, unnamed_k, overflow = self._check_call(losses, features, scaling)
+        except (ValueError, TypeError) as err:
+            # A rank that raised alone would leave the others waiting in a collective: every rank
+            # learns of it here and raises the same RankMismatchError (single process: no-op).
+            reducer.agree(fingerprint, err, device)
+            raise
+        reducer.agree(fingerprint, None, device)
+        values = scaling.scale_losses(values)
+        call = torch.stack([v.detach() for v in values]).double() / scaling.factor
+        carried = window if (window is not None and self.options.keeps_window) else Window.empty(names)
+        reducer.begin(names, self.method, self.step_count, params)
+        ctx = StepContext(
+            method=self.method, names=names, values=values, params=params, shared=self._shared, call=call,
+            window=carried, step=self.step_count, scaling=scaling, reducer=reducer, features=features,
+            chunk_size=self._chunk_size(), walk_is_blind=self._blind_walk == names, lonely_shared=lonely,
+        )
+        return ctx, unnamed_k, overflow
+
+    def _overflow(self, ctx: StepContext, err: NonFiniteError) -> StepInfo:
+        """A NaN/inf gradient under a GradScaler: a skipped step, as plain AMP makes it."""
+        Scaling.poison((ctx.shared or ctx.params)[0])
+        return StepInfo(weights=None, losses=ctx.window.total(ctx.call), grad_norms=None, cosine=None,
+                        engine="skipped", task_names=ctx.names, extras={"non_finite": str(err)})
+
+    def _check_call(
+        self, losses: Losses, features: Tensor | None, scaling: Scaling
+    ) -> tuple[tuple[str, ...], list[Tensor], list[Tensor], int | None, NonFiniteError | None]:
+        """The checks of this call on its own and against the previous ones (changes nothing):
+        names and losses, task weights, NaN/inf losses (an overflow under an active scaler), the
+        list length, the window's tasks, the features; on the first call, the shared parameters
+        that one task alone reaches."""
         names, values = prepare_losses(losses)
         lonely: list[Tensor] = []
         if self.step_count == 0 and self._window is None:  # the first call: cheap one-off checks
@@ -210,10 +253,10 @@ class Balancer:
             if not self.inferred_shared and self._shared and "lonely" not in self._warned:
                 lonely = single_task_shared(values, self._shared)
         values = apply_task_weights(self.options.task_weights, names, values)
-        scaling = Scaling(scaler)
         overflow = None
         try:
-            reducer.check_call(names, torch.stack([v.detach() for v in values]))
+            assert self._reducer is not None
+            self._reducer.check_call(names, torch.stack([v.detach() for v in values]))
         except NonFiniteError as err:
             if not scaling.active:
                 raise
@@ -226,22 +269,7 @@ class Balancer:
                 f"{list(names)}); call step() or zero_grad() first"
             )
         check_features(features)
-        values = scaling.scale_losses(values)
-        call = torch.stack([v.detach() for v in values]).double() / scaling.factor
-        carried = window if (window is not None and self.options.keeps_window) else Window.empty(names)
-        reducer.begin(names, self.method, self.step_count, params)
-        ctx = StepContext(
-            method=self.method, names=names, values=values, params=params, shared=self._shared, call=call,
-            window=carried, step=self.step_count, scaling=scaling, reducer=reducer, features=features,
-            chunk_size=self.options.chunk_size, walk_is_blind=self._blind_walk == names, lonely_shared=lonely,
-        )
-        return ctx, unnamed_k, overflow
-
-    def _overflow(self, ctx: StepContext, err: NonFiniteError) -> StepInfo:
-        """A NaN/inf gradient under a GradScaler: a skipped step, as plain AMP makes it."""
-        Scaling.poison((ctx.shared or ctx.params)[0])
-        return StepInfo(weights=None, losses=ctx.window.total(ctx.call), grad_norms=None, cosine=None,
-                        engine="skipped", task_names=ctx.names, extras={"non_finite": str(err)})
+        return names, values, lonely, unnamed_k, overflow
 
     def _check_list_length(self, losses: Losses, k: int) -> int | None:
         """Unnamed losses must keep their number for a method with per-task state."""
@@ -279,6 +307,8 @@ class Balancer:
         partial = [id(p) for p in subset] != [id(p) for p in shared]
         if partial and not buffered:
             return lambda c: subset_step(c, subset)
+        if not partial and self._use_gram(ctx):
+            return gram_step
         if buffered:
             return lambda c: buffered_step(c, subset if partial else None)
         return exact_step
@@ -292,15 +322,48 @@ class Balancer:
 
     def _pick_engine(self, features: Tensor | None, shared: list[Tensor]) -> str:
         engine = self.options.engine
-        if engine == "loop" or self._use_loop:
+        if engine in ("loop", "gram") or self._use_loop:
             return "loop"
         if engine == "batched":
             return "batched"
-        # auto: the batched VJP pays off on accelerators where kernel launches dominate and the
-        # representation is known; on CPU it measured no faster than the loop (docs/guide/engines.md).
-        if features is not None and shared[0].device.type != "cpu":
-            return "batched"
-        return "loop"
+        # auto: the batched VJP (torch.func.vmap) pays off on accelerators, where kernel launches
+        # dominate; on CPU it measured slower than the loop (docs/guide/engines.md). A compiled
+        # graph is sent to the loop by jacobian.task_gradients itself, before anything runs.
+        return "batched" if shared[0].device.type != "cpu" else "loop"
+
+    def _chunk_size(self) -> int | str | None:
+        """The batched engine's chunk: ``"auto"`` when ``engine="auto"`` and none was given."""
+        chunk = self.options.chunk_size
+        return "auto" if chunk is None and self.options.engine == "auto" else chunk
+
+    def _use_gram(self, ctx: StepContext) -> bool:
+        """Whether this step of a requires="gram" method on every shared parameter runs the Gram
+        engine: engine="gram", or engine="auto" when the k x P matrix would exceed
+        ``gram.AUTO_BUDGET_BYTES``. A second call in an accumulation="exact" window cannot be
+        exact without the first call's task gradients: ``ctx.gram_off`` (the loop from then on)."""
+        method, engine = self.method, self.options.engine
+        if self._gram_off or method.requires != "gram" or method.mode != "exact":
+            return False
+        if self.options.accumulation == "buffered" or self._use_loop:
+            return False
+        assert ctx.shared is not None
+        if engine == "auto":
+            if ctx.reducer.distributed or not gram_mod.prefer_gram(len(ctx.names), ctx.shared):
+                return False
+        elif engine != "gram":
+            return False
+        if ctx.reducer.distributed:
+            raise ValueError(
+                "engine='gram' does not support distributed training: the global batch's Gram matrix "
+                "needs the cross-rank terms of the task gradients, which it never forms. Use "
+                "engine='loop' (distributed='reduce_scatter' communicates about (k+1)P numbers, "
+                "exact) or distributed='off'"
+            )
+        window = self._window
+        if window is not None and self.options.keeps_window and window.calls > 0:
+            ctx.gram_off = True
+            return False
+        return True
 
     def _commit_call(self, ctx: StepContext, result: StepResult, unnamed_k: int | None) -> StepInfo:
         """The only place where a call changes anything (after everything has succeeded)."""
@@ -311,12 +374,19 @@ class Balancer:
         self._unnamed_k = unnamed_k
         if result.walk_is_blind:
             self._blind_walk = ctx.names
-        if result.fallback and not self._use_loop:
+        if result.batched_failed and not self._use_loop:
             self._use_loop = True
+            warnings.warn(f"gradbalance: the batched engine failed ({result.batched_failed}); this step and "
+                          "the later ones use the loop engine", RuntimeWarning, stacklevel=4)
+        if ctx.gram_off and not self._gram_off:
+            self._gram_off = True
             warnings.warn(
-                f"gradbalance: the batched engine could not batch {', '.join(result.fallback)} (no vmap "
-                "batching rule); this step is exact, later steps use the loop engine",
-                RuntimeWarning, stacklevel=4,
+                "engine='gram' with accumulation='exact': a second backward call before step() needs "
+                "the cross terms between the calls' task gradients, which the Gram engine does not "
+                "keep. This window combines this call on its own (as accumulation='combine' would); "
+                "from the next step on the loop engine runs, exact. Pass accumulation='combine' to "
+                "keep the Gram engine with per-call combination.",
+                UserWarning, stacklevel=4,
             )
         if result.weights_changed and self.options.keeps_window:
             self._warn_once("inexact", weights_changed_warning, type(self.method).__name__)
@@ -325,7 +395,7 @@ class Balancer:
         if self.options.recompute_every > 1 and result.aggregation.weights is None:
             self._warn_once("direction", _direction_not_reused, type(self.method).__name__,
                             self.options.recompute_every)
-        info = result.info(ctx.names, ctx.reducer)
+        info = result.info(ctx.names, ctx.reducer, shared_known=ctx.shared is not None)
         if self.options.recompute_every > 1:
             info.extras.setdefault("reused", 0)
         return info
@@ -436,6 +506,19 @@ class Balancer:
                 f"one has {self._method_args()}: its state was loaded, the new arguments apply from now on",
                 UserWarning, stacklevel=3,
             )
+
+
+def _check_gram_engine(method: Method, accumulation: str) -> None:
+    """engine="gram" needs a method that reads only the Gram matrix (it never forms the gradients)."""
+    if method.requires == "grads":
+        raise ValueError(
+            f"engine='gram' computes only the Gram matrix of the task gradients, but "
+            f"{type(method).__name__} needs the gradients themselves (requires='grads'); use "
+            "engine='loop' or 'batched'"
+        )
+    if accumulation == "buffered":
+        raise ValueError("accumulation='buffered' keeps the k x P task gradients, which engine='gram' "
+                         "never forms; use accumulation='exact' or 'combine' with engine='gram'")
 
 
 def _autocast_off() -> contextlib.ExitStack:

@@ -33,7 +33,8 @@ the same number of samples (DDP's own assumption), so the global loss is the mea
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import zlib
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -44,8 +45,8 @@ from gradbalance.errors import RankMismatchError
 from gradbalance.inputs import check_finite_losses
 from gradbalance.paths.reduce import Local, Reducer
 
-__all__ = ["STRATEGIES", "AllReduce", "DistributedReducer", "LocalGram", "ReduceScatter", "Sync", "make_reducer",
-           "resolve"]
+__all__ = ["STRATEGIES", "AllReduce", "DistributedReducer", "LocalGram", "ReduceScatter", "RankMismatchError", "Sync",
+           "call_fingerprint", "make_reducer", "resolve"]
 
 STRATEGIES = ("auto", "off", "allreduce", "reduce_scatter", "local_gram")
 
@@ -146,6 +147,26 @@ def _digest(obj: Any) -> str:
     return h.hexdigest()
 
 
+
+#: what :func:`call_fingerprint` describes, in order (the columns of the table ``Sync.agree`` gathers)
+FINGERPRINT_FIELDS = ("tasks (names, and which are None)", "call within the accumulation window",
+                      "optimizer step")
+
+
+def call_fingerprint(losses: Any, call: int, step: int) -> tuple[int, int, int]:
+    """A few integers that every rank must share for one ``backward`` call: a CRC-32 of the task
+    names with which of them are ``None`` (dict losses) or of the number of losses (a list), the
+    call's index within the accumulation window, and the optimizer step."""
+    if isinstance(losses, Mapping):
+        text = repr([(str(name), value is None) for name, value in losses.items()])
+    else:
+        try:
+            text = f"list of {len(losses)}"
+        except TypeError:
+            text = type(losses).__name__
+    return zlib.crc32(text.encode()), int(call), int(step)
+
+
 class Sync:
     """The collectives of one balancer (see the module docstring).
 
@@ -228,6 +249,49 @@ class Sync:
             offset += n
         return out
 
+    # ------------------------------------------------------------------ every call
+    def agree(self, fingerprint: Sequence[int], error: BaseException | None, device: torch.device) -> None:
+        """Before any other collective of a call: make sure every rank makes the same call.
+
+        One all-gather of ``len(fingerprint) + 1`` int64 per rank (the fingerprint of
+        :func:`call_fingerprint` and whether this rank failed to prepare the call: 32 bytes at
+        the default). Every rank gathers the same table, so every rank takes the same branch: when
+        the rows differ, or a rank failed, every rank raises :class:`RankMismatchError` with the
+        same message (a rank that failed chains its own error), instead of one rank raising while
+        the others wait in a collective until the process group times out, or of a collective of
+        mismatched sizes aborting a rank.
+        """
+        mine = torch.tensor([*fingerprint, int(error is not None)], dtype=torch.int64, device=device)
+        every = [torch.empty_like(mine) for _ in range(self.world)]
+        self._count(mine, 1.0)
+        dist.all_gather(every, mine, group=self.group)
+        table = torch.stack(every).cpu()
+        if not bool(table[:, -1].any()) and bool((table == table[0]).all()):
+            return
+        failed = [r for r in range(self.world) if int(table[r, -1])]
+        lines = []
+        if failed:
+            # the error path only: every rank saw the same table, so every rank gathers the messages
+            messages: list[Any] = [None] * self.world
+            text = None if error is None else f"{type(error).__name__}: {error}"
+            dist.all_gather_object(messages, text, group=self.group)
+            lines += [f"rank {r} could not prepare this call: {messages[r]}" for r in failed]
+        for column, field_name in enumerate(FINGERPRINT_FIELDS):
+            values = table[:, column].tolist()
+            if len(set(values)) > 1:
+                groups: dict[int, list[int]] = {}
+                for r, v in enumerate(values):
+                    groups.setdefault(v, []).append(r)
+                lines.append(f"ranks differ in {field_name}: " + "; ".join(
+                    f"ranks {ranks} have {v}" for v, ranks in groups.items()))
+        message = (
+            "gradbalance: the ranks did not make the same backward call, so no rank went on (the step "
+            "would not be the global batch's, or the collectives would not match):\n  " + "\n  ".join(lines)
+            + "\nEvery rank must pass the same tasks (a task None on one rank must be None on all), call "
+            "backward() the same number of times between optimizer steps, and step together."
+        )
+        raise RankMismatchError(message) from error
+
     # ------------------------------------------------------------------ first step
     def check(self, names: Sequence[str], method: Any, step: int, params: Sequence[Tensor]) -> None:
         """Once: every rank must have the same tasks, method state, step count and (unless FSDP
@@ -266,6 +330,9 @@ class DistributedReducer(Reducer):
     def __init__(self, sync: Sync) -> None:
         self.sync = sync
         self.fsdp = sync.fsdp
+
+    def agree(self, fingerprint: Sequence[int], error: BaseException | None, device: Any) -> None:
+        self.sync.agree(fingerprint, error, device)
 
     def begin(self, names: Sequence[str], method: Any, step: int, params: Sequence[Tensor]) -> None:
         self.sync.bytes_sent = 0

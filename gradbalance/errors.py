@@ -29,9 +29,12 @@ class NonFiniteError(ValueError):
 
 
 class RankMismatchError(ValueError):
-    """Under ``torch.distributed`` the ranks disagree (tasks, method state, step, parameters).
+    """Under ``torch.distributed`` the ranks disagree about a call (its tasks, the call within the
+    accumulation window, the method's step; at the first step also the method's state and the
+    parameters) or a rank could not prepare it.
 
-    Raised on every rank at once, from the same collective, so that no rank hangs.
+    Raised on every rank at once, with the same message, from the same collective, so that no
+    rank hangs in a collective the others never join.
 
     Example:
         >>> import gradbalance as gb

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -46,7 +46,8 @@ class StepInfo:
         engine: which path produced the gradients: ``"loop"`` or ``"batched"`` (task gradients
             on the shared parameters; ``"batched (fallback: ...)"`` when the batched call fell back
             to the loop; a method's ``shared_subset`` also reports ``"loop"``),
-            ``"representation"`` (task gradients on ``features``), ``"losses"`` (no per-task
+            ``"representation"`` (task gradients on ``features``), ``"gram"`` (``engine="gram"``:
+            the Gram matrix only, then one weighted backward), ``"losses"`` (no per-task
             gradients: one weighted backward), ``"reused"`` (``recompute_every > 1``: the last
             computed weights, one weighted backward), ``"fsdp"`` (FSDP2: one backward per task on
             the sharded parameters), or ``"skipped"`` when a ``GradScaler`` overflow made the
@@ -56,6 +57,16 @@ class StepInfo:
             ``recompute_every > 1``, ``extras["reused"]`` is ``1`` on a reused step and ``0`` on
             a computing step (the same convention as Nash-MTL's own ``update_every``); under
             ``torch.distributed``, ``"distributed"`` (the strategy) and ``"comm_bytes"``.
+        head_weights: ``(k,)`` weights applied to the task gradients on the task-specific
+            parameters (the heads: every parameter outside ``shared_params``) when they differ
+            from ``weights`` by the method's rule, e.g. Nash-MTL's unclipped ``a_i`` (``weights``
+            holds the clipped ones), MGDA's and UPGrad's ones, DB-MTL's ``1 / L_i``, and all ones
+            for a method that returns only a direction. ``None`` when the heads got exactly
+            ``weights`` (every loss-weighting method, and any method while the wrapper does not
+            know the shared parameters, so every parameter gets ``weights``), and on a skipped
+            step. What the heads got is therefore always
+            ``info.weights if info.head_weights is None else info.head_weights``
+            (:meth:`effective_head_weights`).
 
     Example:
         >>> import torch, gradbalance as gb
@@ -76,19 +87,38 @@ class StepInfo:
     engine: str
     task_names: tuple[str, ...]
     extras: dict[str, Any] = field(default_factory=dict)
+    head_weights: Tensor | None = None
 
-    def to_dict(self) -> dict[str, float | str]:
+    def effective_head_weights(self) -> Tensor | None:
+        """The ``(k,)`` weights the heads' gradients were scaled by: ``head_weights`` when set,
+        else ``weights`` (``None`` only on a skipped step, or for a method that reports neither)."""
+        return self.head_weights if self.head_weights is not None else self.weights
+
+    def to_dict(self, cosines: Literal["summary", "matrix"] = "summary") -> dict[str, float | str]:
         """Flatten into ``{name: scalar}`` for loggers (TensorBoard, W&B, CSV).
 
-        Keys: ``weight/<task>``, ``loss/<task>``, ``grad_norm/<task>``, ``cosine/mean`` and
-        ``cosine/min`` (over distinct pairs), ``conflicts`` (pairs with negative cosine),
-        ``engine``, and every scalar in ``extras`` as ``extras/<key>``.
+        Keys: ``weight/<task>``, ``head_weight/<task>`` (only when :attr:`head_weights` is set),
+        ``loss/<task>``, ``grad_norm/<task>``, ``cosine/mean`` and ``cosine/min`` (over distinct
+        pairs), ``conflicts`` (pairs with negative cosine), ``engine``, and every scalar in
+        ``extras`` as ``extras/<key>``.
+
+        Args:
+            cosines: ``"summary"`` (default): the cosine keys above only. ``"matrix"``: also
+                every distinct pair, ``cosine/<task i>/<task j>`` for ``i < j`` in task order
+                (the matrix is symmetric with ones on the diagonal, so this is all of it).
+
+        Raises:
+            ValueError: ``cosines`` is neither ``"summary"`` nor ``"matrix"``.
         """
+        if cosines not in ("summary", "matrix"):
+            raise ValueError(f"cosines must be 'summary' or 'matrix', got {cosines!r}")
         out: dict[str, float | str] = {"engine": self.engine}
         for i, name in enumerate(self.task_names):
             out[f"loss/{name}"] = float(self.losses[i])
             if self.weights is not None:
                 out[f"weight/{name}"] = float(self.weights[i])
+            if self.head_weights is not None:
+                out[f"head_weight/{name}"] = float(self.head_weights[i])
             if self.grad_norms is not None:
                 out[f"grad_norm/{name}"] = float(self.grad_norms[i])
         k = len(self.task_names)
@@ -98,6 +128,10 @@ class StepInfo:
             out["cosine/mean"] = float(pairs.mean())
             out["cosine/min"] = float(pairs.min())
             out["conflicts"] = float((pairs < 0).sum())
+            if cosines == "matrix":
+                names = self.task_names
+                for i, j, c in zip(iu[0].tolist(), iu[1].tolist(), pairs.tolist()):
+                    out[f"cosine/{names[i]}/{names[j]}"] = float(c)
         for key, value in self.extras.items():
             if isinstance(value, (int, float, bool, str)):
                 out[f"extras/{key}"] = value if isinstance(value, str) else float(value)

@@ -16,31 +16,36 @@ from typing import Any
 
 from gradbalance import distributed as distributed_mod
 
-__all__ = ["ACCUMULATIONS", "ENGINES", "Options"]
+__all__ = ["ACCUMULATIONS", "ENGINES", "OptionTypeError", "Options"]
 
-ENGINES = ("auto", "loop", "batched")
+ENGINES = ("auto", "loop", "batched", "gram")
 ACCUMULATIONS = ("exact", "combine", "buffered")
 
 TaskWeights = Sequence[float] | Mapping[str, float]
 
 
+class OptionTypeError(TypeError, ValueError):
+    """An option of the wrong type: a :class:`TypeError`, and also a :class:`ValueError` because
+    these were raised as ``ValueError`` before (``except ValueError`` keeps working)."""
+
+
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        raise OptionTypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value!r}")
 
 
 def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string, one of {valid}; got {type(value).__name__}")
+        raise OptionTypeError(f"{name} must be a string, one of {valid}; got {type(value).__name__}")
     if value not in valid:
         raise ValueError(f"{name} must be one of {valid}, got {value!r}")
 
 
 def _check_weight(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
-        raise TypeError(f"task_weights[{name!r}] must be a number, got {type(value).__name__}")
+        raise OptionTypeError(f"task_weights[{name!r}] must be a number, got {type(value).__name__}")
     weight = float(value)
     if not math.isfinite(weight) or weight <= 0.0:
         raise ValueError(
@@ -59,11 +64,11 @@ def normalize_task_weights(task_weights: Any) -> tuple[float, ...] | dict[str, f
         out: dict[str, float] = {}
         for key, value in task_weights.items():
             if not isinstance(key, str):
-                raise TypeError(f"task_weights keys must be task names (str), got {type(key).__name__}")
+                raise OptionTypeError(f"task_weights keys must be task names (str), got {type(key).__name__}")
             out[key] = _check_weight(key, value)
         return out
     if isinstance(task_weights, (str, bytes)) or not isinstance(task_weights, Sequence):
-        raise TypeError(
+        raise OptionTypeError(
             "task_weights must be a sequence of numbers or a dict {task name: weight}, "
             f"got {type(task_weights).__name__}"
         )
@@ -75,8 +80,10 @@ class Options:
     """How a balancer runs (every field is a keyword argument of :class:`~gradbalance.GradBalance`).
 
     Attributes:
-        engine: ``"auto"``, ``"loop"`` or ``"batched"``: how per-task gradients are computed.
-        chunk_size: at most this many tasks per batched call; ``None``: all at once.
+        engine: ``"auto"``, ``"loop"``, ``"batched"`` or ``"gram"``: how per-task gradients (or,
+            for ``"gram"``, only their Gram matrix) are computed.
+        chunk_size: at most this many tasks per batched call; ``"auto"``: sized from the free
+            memory; ``None``: all at once (``"auto"`` when ``engine="auto"`` picks batched).
         task_weights: static weights multiplied into the losses before the method sees them:
             k positive numbers, or ``{task name: weight}`` (missing names: 1).
         accumulation: ``"exact"``, ``"buffered"`` or ``"combine"`` (the accumulation guide).
@@ -89,7 +96,8 @@ class Options:
         process_group: the ``torch.distributed`` group to average over (``None``: the default).
 
     Raises:
-        TypeError: a value of the wrong type.
+        TypeError: a value of the wrong type (:class:`OptionTypeError`, also a ``ValueError``
+            for code written when these were ``ValueError``).
         ValueError: a value out of range (the message names the valid ones).
 
     Example:
@@ -99,7 +107,7 @@ class Options:
     """
 
     engine: str = "auto"
-    chunk_size: int | None = None
+    chunk_size: int | str | None = None
     task_weights: Any = None
     accumulation: str = "exact"
     recompute_every: int = 1
@@ -108,7 +116,9 @@ class Options:
 
     def __post_init__(self) -> None:
         _choice("engine", self.engine, ENGINES)
-        if self.chunk_size is not None:
+        if self.chunk_size is not None and not (isinstance(self.chunk_size, str) and self.chunk_size == "auto"):
+            if isinstance(self.chunk_size, str):
+                raise ValueError(f"chunk_size must be a positive int, 'auto' or None, got {self.chunk_size!r}")
             _positive_int("chunk_size", self.chunk_size)
         _choice("accumulation", self.accumulation, ACCUMULATIONS)
         _positive_int("recompute_every", self.recompute_every)

@@ -169,23 +169,35 @@ def test_detached_features_raise_and_do_not_switch_the_engine():
     assert opt.backward(losses, features=z).engine == "batched"
 
 
-def test_fallback_switch_is_kept_only_by_a_successful_call():
-    # GELU has no batching rule: the call falls back; if it then fails, the next call must still
-    # try the batched engine (and warn), not silently run the loop.
-    model = MultiTaskNet(2, act=torch.nn.GELU)
+def test_loop_switch_is_kept_only_by_a_successful_call(monkeypatch):
+    # A batched call that raises (an op vmap cannot run at all) reruns with the loop and switches
+    # the optimizer to the loop for good, but only if the call succeeds.
+    from gradbalance import jacobian
+
+    real = jacobian.task_gradients
+
+    def no_vmap(*args, engine="loop", **kwargs):
+        if engine == "batched":
+            raise RuntimeError("vmap: cannot run this op")
+        return real(*args, engine=engine, **kwargs)
+
+    monkeypatch.setattr(jacobian, "task_gradients", no_vmap)
+    model = MultiTaskNet(2)
     x, y = make_batch(2)
     opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.1), FixedWeights([1.0, 1.0]),
                          shared_params=model.trunk, engine="batched")
     z, losses = task_losses(model, x, y)
-    bad = losses[0] + torch.sqrt(z.abs() * 0).sum()  # through z: a NaN gradient on the trunk
+    bad = losses[0] + torch.sqrt(z.abs() * 0).sum()  # a NaN gradient on the trunk
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("error")  # no warning from a failed call
         with pytest.raises(gb.NonFiniteError):
             opt.backward([bad, losses[1]], features=z)
+    assert not opt._balancer._use_loop
     z, losses = task_losses(model, x, y)
-    with pytest.warns(RuntimeWarning, match="batching rule"):
+    with pytest.warns(RuntimeWarning, match="the batched engine failed"):
         info = opt.backward(losses, features=z)
-    assert info.engine.startswith("batched (fallback")
+    assert "batched failed" in info.engine and opt._balancer._use_loop
+    opt.zero_grad()
     z, losses = task_losses(model, x, y)
     assert opt.backward(losses, features=z).engine == "loop"  # now kept
 

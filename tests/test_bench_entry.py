@@ -66,11 +66,12 @@ def test_quick_runs_never_overwrite_the_committed_results(tmp_path, monkeypatch)
 
 def test_ddp_example_trains_and_benchmarks_on_two_processes():
     """`python -m benchmarks ddp` launches 2 gloo ranks: they stay identical, and the bench counts bytes."""
-    run = subprocess.run([sys.executable, "-m", "benchmarks", "ddp", "--epochs", "1", "--n-train", "256",
-                          "--n-test", "64"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    run = subprocess.run([sys.executable, "-m", "benchmarks", "ddp", "--quick"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "ranks identical: True" in run.stdout
-    run = subprocess.run([sys.executable, "-m", "benchmarks", "ddp", "--bench", "--steps", "2", "--n-train", "256"],
+    assert run.stdout.count("epoch ") == 1  # --quick: one epoch
+    run = subprocess.run([sys.executable, "-m", "benchmarks", "ddp", "--bench", "--quick", "--steps", "2"],
                          cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1] for line in run.stdout.splitlines()

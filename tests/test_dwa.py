@@ -165,3 +165,40 @@ def test_missing_tasks_through_the_optimizer_epoch_window():
     state = opt.method.state_dict()
     assert state["averages"].tolist() == [3, 3]
     assert state["count"].tolist() == [0, 0]
+
+
+def test_warns_once_when_epoch_end_is_never_called():
+    """window='epoch' without epoch_end(): the weights stay 1 forever; say so once."""
+    import warnings
+
+    m = DWA()
+    m.epoch_warning_steps = 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(4):
+            assert run(m, [1.0, 2.0]).tolist() == [1.0, 1.0]
+    with pytest.warns(RuntimeWarning, match="epoch_end\\(\\) was never called") as record:
+        for _ in range(20):
+            assert run(m, [1.0, 2.0]).tolist() == [1.0, 1.0]
+    assert len(record) == 1  # once
+    # calling epoch_end as documented: no warning, even over many more steps
+    m = DWA()
+    m.epoch_warning_steps = 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            for _ in range(4):
+                run(m, [1.0, 2.0])
+            m.epoch_end()
+        for _ in range(10):  # a long epoch after epochs did end: not the mistake warned about
+            run(m, [1.0, 2.0])
+        # window="step" needs no hook, and None silences it
+        s = DWA(window="step")
+        s.epoch_warning_steps = 2
+        for _ in range(5):
+            run(s, [1.0, 2.0])
+        quiet = DWA()
+        quiet.epoch_warning_steps = None
+        for _ in range(2000):
+            run(quiet, [1.0, 2.0])
+    assert DWA.epoch_warning_steps == 1000

@@ -121,3 +121,27 @@ def test_custom_gates_and_bad_arguments():
         MMoE(experts, {"a": experts[0], "b": towers[1]}, in_features=5)
     with pytest.raises(ValueError, match="gate"):
         MMoE(experts, towers, gates=[nn.Linear(5, 3), nn.Linear(5, 3)])(torch.randn(2, 5))
+
+
+def test_default_gates_read_images_flattened():
+    """Conv experts on (N, C, H, W): the default linear gates read x.flatten(1)."""
+    torch.manual_seed(0)
+    experts = [nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+               for _ in range(2)]
+    model = MMoE(experts, {"a": nn.Linear(4, 1), "b": nn.Linear(4, 3)}, in_features=3 * 6 * 6)
+    x = torch.randn(5, 3, 6, 6)
+    out = model(x)
+    e = [expert(x) for expert in model.experts]
+    for t in ("a", "b"):
+        g = torch.softmax(x.flatten(1) @ model.gates[t].weight.T + model.gates[t].bias, dim=-1)
+        torch.testing.assert_close(model.gate_weights(x)[t], g)
+        torch.testing.assert_close(out[t], model.towers[t](g[:, :1] * e[0] + g[:, 1:] * e[1]))
+    opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.1), "mgda", shared_params=model)
+    info = opt.backward({"a": out["a"].pow(2).mean(), "b": out["b"].pow(2).mean()})
+    assert info.weights.shape == (2,)
+    # the wrong in_features: a ValueError naming the input's shape, not a raw matmul error
+    wrong = MMoE([copy.deepcopy(experts[0])], {"a": nn.Linear(4, 1)}, in_features=6)
+    with pytest.raises(ValueError, match=r"\(5, 3, 6, 6\).*108 features"):
+        wrong(x)
+    with pytest.raises(ValueError, match="no batch dimension"):
+        wrong.gate_weights(torch.randn(6))

@@ -237,3 +237,45 @@ def test_gradient_method_with_inferred_shared_params_says_why():
         opt.backward({t: (o - y).pow(2).mean() for t, o in model(x).items()})
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# ---------------------------------------------------------------- include: leave differently shaped layers out
+
+
+def _mixed_towers():
+    """Same hidden layer, output layers of different sizes (1 regression output vs 5 classes),
+    and an extra layer only the second tower has."""
+    torch.manual_seed(3)
+    a = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    b = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 5), nn.Linear(5, 5))
+    return {"age": a, "race": b}
+
+
+def test_include_selects_before_the_towers_are_compared():
+    towers = _mixed_towers()
+    hidden = lambda n: n.startswith("0.")  # noqa: E731 - the documented use
+    wa, ba = towers["age"][0].weight, towers["age"][0].bias
+    wb, bb = towers["race"][0].weight, towers["race"][0].bias
+    # by hand: only the first layer is tied
+    l2 = ((wa - wb) ** 2).sum() + ((ba - bb) ** 2).sum()
+    torch.testing.assert_close(soft_sharing_penalty(towers, include=hidden), l2)
+    torch.testing.assert_close(SoftSharing(towers).penalty(include=hidden, weight=0.5), 0.5 * l2)
+    trace = sum(torch.linalg.svdvals(torch.stack([p.reshape(-1), q.reshape(-1)])).sum()
+                for p, q in ((wa, wb), (ba, bb)))
+    torch.testing.assert_close(soft_sharing_penalty(towers, "trace", include=hidden), trace)
+    group = torch.sqrt(wa**2 + wb**2).sum() + torch.sqrt(ba**2 + bb**2).sum()
+    torch.testing.assert_close(group_sparsity_penalty(towers, include=hidden), group)
+    # the gradient reaches the tied layer only
+    SoftSharing(towers).penalty(include=hidden).backward()
+    assert towers["age"][0].weight.grad is not None and towers["age"][2].weight.grad is None
+    # without include the towers do not match, and the error says so
+    with pytest.raises(ValueError, match="same architecture"):
+        soft_sharing_penalty(towers)
+    same_names = {"a": nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)),
+                  "b": nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 5))}
+    with pytest.raises(ValueError, match="different shapes"):
+        group_sparsity_penalty(same_names)
+    assert float(group_sparsity_penalty(same_names, include=lambda n: n.startswith("0.")).detach()) > 0
+    # an included name that does not match is still refused
+    with pytest.raises(ValueError, match="shapes"):
+        soft_sharing_penalty(same_names, include=lambda n: n.endswith("weight"))

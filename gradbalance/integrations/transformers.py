@@ -11,9 +11,9 @@ scalar losses) and optionally ``"features"`` (the shared representation); train 
 The trainer wraps the optimizer that ``Trainer`` builds from ``args`` in a
 :class:`~gradbalance.GradBalance` and overrides ``training_step`` to call its ``backward``.
 Everything else stays ``Trainer``'s: the LR schedule, ``max_grad_norm`` clipping, and gradient
-accumulation (the losses are divided by the current window's number of batches as ``Trainer``
-does: ``gradient_accumulation_steps``, fewer for the last window of an epoch; the ``GradBalance``
-window makes the accumulated update exact). ``trainer.gradbalance_info``
+accumulation (the losses are divided by the size of the current accumulation window, as ``Trainer``
+does: ``gradient_accumulation_steps``, or fewer for the last window of an epoch that does not divide
+evenly; the ``GradBalance`` window makes the accumulated update exact). ``trainer.gradbalance_info``
 holds the last :class:`~gradbalance.StepInfo`. fp16 training through ``Trainer``'s own scaler is
 not wired (bf16 autocast works, as it needs no scaler).
 """
@@ -76,9 +76,9 @@ class GradBalanceTrainer(Trainer):
                 "(per-task scalar losses) and optionally 'features'"
             )
         losses = outputs["losses"]
-        # the size of the current accumulation window, as Trainer divides by it (the last window
-        # of an epoch may be shorter than gradient_accumulation_steps)
-        steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+        # Trainer's own rule: the current window's size (the last window of an epoch may be shorter
+        # than gradient_accumulation_steps); transformers < 4.46 has only the configured size.
+        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         if steps > 1:
             losses = (
                 {k: None if v is None else v / steps for k, v in losses.items()}

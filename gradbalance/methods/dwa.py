@@ -40,6 +40,11 @@ class DWA(Method):
     Only committed steps count (a skipped ``GradScaler`` step or an accumulation re-run adds
     nothing); with accumulation a step's loss is the window's summed loss.
 
+    With ``window="epoch"`` the weights stay 1 until :meth:`epoch_end` has been called twice.
+    If :attr:`epoch_warning_steps` (default 1000) steps are committed and ``epoch_end()`` was
+    never called, DWA warns once (a ``RuntimeWarning``): it is then plain equal weighting. Set
+    ``opt.method.epoch_warning_steps = None`` to silence it (e.g. epochs longer than that).
+
     Cost: one ordinary backward per step (no per-task gradients).
 
     Deviations: none. Losses must stay positive for the ratios to mean anything (raises
@@ -61,6 +66,8 @@ class DWA(Method):
     """
 
     requires = "losses"
+    #: committed steps without any ``epoch_end()`` call after which DWA warns once (``None``: never)
+    epoch_warning_steps: int | None = 1000
 
     def __init__(self, temperature: float = 2.0, window: str = "epoch") -> None:
         if not float(temperature) > 0:
@@ -68,6 +75,7 @@ class DWA(Method):
         if window not in WINDOWS:
             raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
         self.temperature, self.window = float(temperature), window
+        self._warned = False  # the missing-epoch_end warning was given (not state)
         self.load_state_dict({})
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -109,6 +117,16 @@ class DWA(Method):
         self._count[index] += 1
         if self.window == "step":
             self.epoch_end()
+        elif not self._warned and self.epoch_warning_steps is not None and int(self._averages.max()) == 0 \
+                and int(self._count.max()) >= self.epoch_warning_steps:  # no epoch has ever ended
+            self._warned = True
+            warnings.warn(
+                f"DWA(window='epoch') has committed {int(self._count.max())} steps and epoch_end() was "
+                "never called, so its weights are still all 1 (equal weighting) and will stay so: call "
+                "opt.method.epoch_end() after each pass over the data, or use DWA(window='step'). "
+                "(Epochs longer than this? set opt.method.epoch_warning_steps = None.)",
+                RuntimeWarning, stacklevel=2,
+            )
 
     def epoch_end(self) -> None:
         """Close the current epoch: each task's mean loss over the steps it was present in

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from torch import Tensor, nn
@@ -41,18 +41,21 @@ def unique(params: Iterable[Tensor]) -> list[Tensor]:
     return out
 
 
-def corresponding_parameters(towers: Any, what: str = "towers") -> list[tuple[str, list[Tensor]]]:
+def corresponding_parameters(towers: Any, what: str = "towers",
+                             include: Callable[[str], bool] | None = None) -> list[tuple[str, list[Tensor]]]:
     """Group the parameters of same-architecture task networks by name: ``[(name, [p_1..p_k])]``.
 
     ``towers`` is a dict or a list of modules, or any module with a ``towers`` attribute
-    (:class:`~gradbalance.nn.SoftSharing`, :class:`~gradbalance.nn.CrossStitch`).
+    (:class:`~gradbalance.nn.SoftSharing`, :class:`~gradbalance.nn.CrossStitch`). ``include``
+    (a predicate on parameter names) selects the names first: only the selected ones must match
+    across the towers in name and shape, so differently sized output layers can be left out.
     """
     if isinstance(towers, nn.Module) and hasattr(towers, "towers"):
         towers = towers.towers
     mods = list(task_dict(towers, what).values())
     if len(mods) < 2:
         raise ValueError(f"{what} needs at least 2 task networks, got {len(mods)}")
-    named = [dict(m.named_parameters()) for m in mods]
+    named = [{n: p for n, p in m.named_parameters() if include is None or include(n)} for m in mods]
     names = list(named[0])
     for i, n in enumerate(named[1:], start=1):
         if list(n) != names:

@@ -33,10 +33,14 @@ class MMoE(nn.Module):
         experts: a list of n >= 1 modules with outputs of the same shape ``(N, d)``.
         towers: ``{task: module}`` or a list (names ``task0``, ...), each reading a ``(N, d)``
             mixture.
-        in_features: size of the (flat) input of the default gates ``nn.Linear(in_features, n)``;
-            needed unless ``gates`` is given.
+        in_features: the number of input features per example, read by the default gates
+            ``nn.Linear(in_features, n)``; needed unless ``gates`` is given. The default gates
+            read the input flattened per example (``x.flatten(1)``), so an image batch
+            ``(N, C, H, W)`` needs ``in_features = C * H * W``; a mismatch raises a ValueError
+            naming the input's shape.
         gates: optional ``{task: module}`` (or list, same order as ``towers``) mapping the input
-            to n logits (softmax is applied here). Default: linear gates, as in the paper.
+            to n logits (softmax is applied here); they get ``x`` as it is (no flattening).
+            Default: linear gates, as in the paper.
 
     Example:
         >>> import torch, gradbalance as gb
@@ -66,10 +70,13 @@ class MMoE(nn.Module):
         self.experts = nn.ModuleList(experts)
         self.towers = task_dict(towers, "towers")
         n = len(experts)
+        # the default gates read the input flattened per example, and check its size
+        self._gate_features: int | None = None
         if gates is None:
             if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
                 raise ValueError(f"in_features must be a positive int when gates=None, got {in_features!r}")
             gates = {t: nn.Linear(in_features, n) for t in self.towers}
+            self._gate_features = in_features
         elif isinstance(gates, (list, tuple, nn.ModuleList)):
             if len(gates) != len(self.towers):
                 raise ValueError(f"got {len(gates)} gates for {len(self.towers)} towers")
@@ -89,7 +96,23 @@ class MMoE(nn.Module):
         return list(self.towers.keys())
 
     def gate_weights(self, x: Tensor) -> dict[str, Tensor]:
-        """``{task: (N, n)}`` mixing weights; each row is a probability distribution."""
+        """``{task: (N, n)}`` mixing weights; each row is a probability distribution.
+
+        Raises:
+            ValueError: the default gates get an input whose per-example size is not
+                ``in_features``.
+        """
+        if self._gate_features is not None:
+            flat = x.flatten(1) if x.ndim > 1 else x
+            if x.ndim < 2 or flat.shape[1] != self._gate_features:
+                raise ValueError(
+                    f"MMoE's default gates are nn.Linear(in_features={self._gate_features}, "
+                    f"{len(self.experts)}) on the input flattened per example, but the input has shape "
+                    f"{tuple(x.shape)} ({flat.shape[1] if x.ndim > 1 else 'no batch dimension'} features "
+                    "per example): pass in_features equal to the product of the non-batch dimensions, "
+                    "or gates= of your own"
+                )
+            x = flat
         return {t: torch.softmax(g(x), dim=-1) for t, g in self.gates.items()}
 
     def forward(self, x: Tensor, return_features: bool = False) -> Any:

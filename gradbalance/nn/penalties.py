@@ -76,9 +76,7 @@ def group_sparsity_penalty(
     weight = check_weight(weight)
     if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 0):
         raise ValueError(f"dim must be None or an int >= 0, got {dim!r}")
-    groups = corresponding_parameters(towers)
-    if include is not None:
-        groups = [(n, ps) for n, ps in groups if include(n)]
+    groups = corresponding_parameters(towers, include=include)
     if not groups:
         raise ValueError("no parameter left to penalise (check `include`)")
     total = None

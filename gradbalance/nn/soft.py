@@ -81,9 +81,7 @@ def soft_sharing_penalty(
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     weight = check_weight(weight)
-    groups = corresponding_parameters(towers)
-    if include is not None:
-        groups = [(n, ps) for n, ps in groups if include(n)]
+    groups = corresponding_parameters(towers, include=include)
     if not groups:
         raise ValueError("no parameter left to tie (check `include`)")
     total = None

@@ -49,6 +49,10 @@ class Scaling:
     def unscale(self, t: Tensor) -> Tensor:
         return t if self.factor == 1.0 else t / self.factor
 
+    def unscale_gram(self, gram: Tensor) -> Tensor:
+        """The Gram matrix of the unscaled gradients (the scaled ones' divided by the scale squared)."""
+        return gram if self.factor == 1.0 else gram / self.factor**2
+
     def unscale_rows(self, rows: list[list[Tensor | None]]) -> list[list[Tensor | None]]:
         if self.factor == 1.0:
             return rows
@@ -94,6 +98,8 @@ class StepContext:
             ``autograd.grad``; the reach check then trusts them.
         lonely_shared: first call only: the given shared parameters that one task alone reaches
             (the balancer warns; no path reads it).
+        gram_off: ``engine="gram"`` cannot continue this exact window: the balancer switches
+            the Gram engine off for good if the call succeeds, and warns (no path reads it).
     """
 
     method: Method
@@ -108,9 +114,10 @@ class StepContext:
     reducer: Reducer
     features: Tensor | None = None
     engine: str = "loop"
-    chunk_size: int | None = None
+    chunk_size: int | str | None = None
     walk_is_blind: bool = False
     lonely_shared: list[Tensor] = field(default_factory=list)
+    gram_off: bool = False
 
     @property
     def label(self) -> str:
@@ -150,7 +157,8 @@ class StepResult:
         window: the window after this call.
         gram: the Gram matrix the method saw (diagnostics), or ``None``.
         walk_is_blind: this call needed ``autograd.grad`` to confirm the losses' reach.
-        fallback: the batched engine fell back to the loop for these ops/errors.
+        batched_failed: why the batched engine raised (this call reran with the loop; the
+            balancer switches to the loop for good if the call succeeds), or ``""``.
         weights_changed: a path that writes each call with its own weights saw them change
             within the window (the balancer warns once).
         extras: added to ``StepInfo.extras``.
@@ -163,25 +171,34 @@ class StepResult:
     window: Window
     gram: Tensor | None = None
     walk_is_blind: bool = False
-    fallback: tuple[str, ...] = ()
+    batched_failed: str = ""
     weights_changed: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
 
-    def info(self, names: tuple[str, ...], reducer: Reducer) -> StepInfo:
+    def info(self, names: tuple[str, ...], reducer: Reducer, shared_known: bool) -> StepInfo:
         norms = cosine = None
         if self.gram is not None:
             norms, cosine = gram_diagnostics(self.gram)
         agg = self.aggregation
+        weights = agg.weights.detach() if agg.weights is not None else None
+        # what the heads got (StepInfo.head_weights): the method's own head weights where the
+        # heads are known, ones for a direction-only method, None when they got `weights`
+        head_weights = None
+        if agg.head_weights is not None and shared_known:
+            head_weights = agg.head_weights.detach()
+        elif weights is None:
+            head_weights = torch.ones(len(names), dtype=torch.float64, device=self.losses.device)
         extras = dict(agg.extras)
         extras.update(self.extras)
         extras.update(reducer.extras())
         return StepInfo(
-            weights=agg.weights.detach() if agg.weights is not None else None,
+            weights=weights,
             losses=self.losses.detach(),
             grad_norms=norms,
             cosine=cosine,
             engine=self.engine,
             task_names=names,
             extras=extras,
+            head_weights=head_weights,
         )
 

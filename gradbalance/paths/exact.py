@@ -5,8 +5,8 @@
 * buffered (``accumulation="buffered"``): every other method too (loss-only, representation,
   subset), so that the window keeps the per-task gradients of every parameter and is exact.
 
-Top to bottom: (1) the engine (``"batched"`` checks the graph first: a failing batched call falls
-back to the loop for this call, and the balancer switches to the loop if the call succeeds);
+Top to bottom: (1) the engine (``"batched"`` checks the graph first; a batched call that raises is rerun
+with the loop, and the balancer switches to the loop if the call succeeds);
 (2) every loss must reach a shared parameter; (3) unscale; (4) share across ranks (allreduce:
 average ``[G | losses]``; reduce_scatter: keep ``P/R`` columns; local_gram/single: nothing);
 (5) add the window's task gradients (shared and heads); (6) the Gram matrix the method sees
@@ -43,8 +43,9 @@ def _exact_gram(ctx: StepContext, grads: Tensor, call: Tensor) -> tuple[Tensor, 
 
 
 def _task_gradients(ctx: StepContext, shared: list[Tensor], heads: list[Tensor]):
-    """Steps (1)-(2): the task gradients, with the batched engine's fallback to the loop."""
-    engine, blind = ctx.engine, False
+    """Steps (1)-(2): the task gradients. If the batched engine raises (an op vmap cannot run at
+    all, as opposed to one it runs per task and records), this call reruns with the loop."""
+    engine, blind, failed = ctx.engine, False, ""
     if engine == "batched":  # the loop reports reach itself; the batched call cannot tell
         blind = check_reach(ctx.names, ctx.values, shared, walk_is_blind=ctx.walk_is_blind)
     try:
@@ -53,20 +54,20 @@ def _task_gradients(ctx: StepContext, shared: list[Tensor], heads: list[Tensor])
     except RuntimeError as err:
         if engine != "batched":
             raise
-        # e.g. compiled (inductor) graphs with out= kernels that vmap cannot run at all
+        failed = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
         tg = jacobian.task_gradients(ctx.values, shared, heads, engine="loop")
-        tg.fallback = (f"{type(err).__name__}: {str(err).splitlines()[0][:120]}",)
+        tg.note = f"batched failed: {failed}"
     for name, ok in zip(ctx.names, tg.reached or []):
         if not ok:
             raise ValueError(f"loss {name!r} does not reach any shared parameter; check shared_params")
-    return tg, blind
+    return tg, blind, failed
 
 
 def _run(ctx: StepContext, gram_rule: GramRule) -> StepResult:
     shared = ctx.shared
     assert shared is not None  # the balancer infers it before choosing this path
     heads = ctx.heads(shared)
-    tg, blind = _task_gradients(ctx, shared, heads)
+    tg, blind, failed = _task_gradients(ctx, shared, heads)
     grads = ctx.scaling.unscale(tg.shared)
     head_grads: HeadGrads = ctx.scaling.unscale_rows(tg.heads)
     width = grads.shape[1]
@@ -82,13 +83,13 @@ def _run(ctx: StepContext, gram_rule: GramRule) -> StepResult:
     head_out = combine_heads(head_grads, hw, len(heads))
     new, head_out = ctx.reducer.finish(new, head_out, shared, heads)
     contribution = ctx.scaling.rescale(new + head_out)
-    engine = tg.engine if not tg.fallback else f"batched (fallback: {', '.join(tg.fallback)})"
+    engine, engine_extras = jacobian.describe(tg)
     return StepResult(
         aggregation=agg, losses=losses, engine=engine,
         write=GradWrite(shared + heads, contribution, replaces=ctx.window.written, rewrite=True),
         window=ctx.window.extended(losses, agg, grads=grads, heads=head_grads, written=contribution,
                                    gram=kept_gram),
-        gram=gram, walk_is_blind=blind, fallback=tg.fallback,
+        gram=gram, walk_is_blind=blind, batched_failed=failed, extras=dict(engine_extras),
     )
 
 

@@ -10,6 +10,8 @@ Which method runs where (``R`` ranks; every call is a no-op in :class:`Local`):
 ==========================  ==========================  =============================================
 method                      path                        distributed effect
 ==========================  ==========================  =============================================
+``agree``                   every call, after checks    one 32-byte all-gather: same tasks/call/step
+                                                        on every rank, or every rank raises
 ``begin``                   every call                  reset the byte counter; first call: ranks agree
 ``check_call``              every call, before all      ``Local``: NaN/inf losses raise here
 ``check_total``             after the losses' reduce    distributed: NaN/inf losses raise here
@@ -46,6 +48,10 @@ class Reducer:
     distributed: bool = False
     #: ``True`` when the optimizer holds FSDP2 (``DTensor``) parameters.
     fsdp: bool = False
+
+    def agree(self, fingerprint: Sequence[int], error: BaseException | None, device: Any) -> None:
+        """Distributed: every rank makes the same call, or every rank raises
+        :class:`~gradbalance.RankMismatchError` (single process: nothing to agree on)."""
 
     def begin(self, names: Sequence[str], method: Any, step: int, params: Sequence[Tensor]) -> None:
         """Start a call (distributed: reset the byte count; first call: check the ranks agree)."""

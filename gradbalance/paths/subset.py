@@ -24,7 +24,7 @@ from gradbalance.methods.base import Aggregation
 from gradbalance.paths.context import StepContext, StepResult
 from gradbalance.paths.grads import GradWrite, check_finite_grads, checked_gram, reweight_heads
 
-__all__ = ["representation_step", "subset_step"]
+__all__ = ["representation_step", "subset_step", "weighted_write"]
 
 
 def _require_features(ctx: StepContext) -> Tensor:
@@ -42,7 +42,7 @@ def _check_reached(ctx: StepContext, reached: list[bool] | None, what: str) -> N
             raise ValueError(f"loss {name!r} does not depend on {what}")
 
 
-def _weighted_write(ctx: StepContext, agg: Aggregation) -> GradWrite:
+def weighted_write(ctx: StepContext, agg: Aggregation) -> GradWrite:
     """Steps (6)-(9): one backward of the weighted losses, averaged, checked."""
     if agg.weights is None:
         raise ValueError(f"{ctx.label} returns a direction, which needs mode='exact'")
@@ -65,7 +65,7 @@ def representation_step(ctx: StepContext) -> StepResult:
     losses = ctx.total(call)
     gram = ctx.window.add_gram(checked_gram(gram, ctx.names))
     agg = ctx.aggregate(losses, gram=gram, grads=grads)
-    write = _weighted_write(ctx, agg)
+    write = weighted_write(ctx, agg)
     return StepResult(
         aggregation=agg, losses=losses, engine="representation", write=write,
         window=ctx.window.extended(losses, agg, gram=gram), gram=gram,
@@ -82,7 +82,7 @@ def subset_step(ctx: StepContext, subset: list[Tensor]) -> StepResult:
     grads = ctx.window.add_grads(grads)  # same coordinates in every micro-batch: sum them
     gram = checked_gram((grads @ grads.T).double(), ctx.names)
     agg = ctx.aggregate(losses, gram=gram, grads=grads)
-    write = _weighted_write(ctx, agg)
+    write = weighted_write(ctx, agg)
     return StepResult(
         aggregation=agg, losses=losses, engine="loop", write=write,
         window=ctx.window.extended(losses, agg, grads=grads), gram=gram,
@@ -91,5 +91,5 @@ def subset_step(ctx: StepContext, subset: list[Tensor]) -> StepResult:
 
 
 def write_weights(agg: Aggregation) -> Tensor:
-    assert agg.weights is not None  # checked by _weighted_write
+    assert agg.weights is not None  # checked by weighted_write
     return agg.weights
