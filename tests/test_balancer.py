@@ -548,3 +548,29 @@ def test_heads_passed_as_shared_warn_on_the_first_step():
         good = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.1), "mgda", shared_params=model.trunk)
         _, losses = task_losses(model, x, y)
         good.backward(losses)
+
+
+def test_gram_engine_switch_off_is_kept_only_by_a_successful_call():
+    # engine="gram" cannot make a second call of an exact window exact: it switches to the loop
+    # for good, with a warning, but not on a call that raised.
+    model = MultiTaskNet(2)
+    x, y = make_batch(2)
+    opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.1), "mgda", shared_params=model.trunk,
+                         engine="gram")
+    _, losses = task_losses(model, x, y)
+    assert opt.backward(losses).engine == "gram"
+    z, losses = task_losses(model, x, y)
+    bad = losses[0] + torch.sqrt(z.abs() * 0).sum()  # a NaN gradient on the trunk
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither the switch nor its warning on a failed call
+        with pytest.raises(gb.NonFiniteError):
+            opt.backward([bad, losses[1]])
+    assert not opt._balancer._gram_off
+    _, losses = task_losses(model, x, y)
+    with pytest.warns(UserWarning, match="engine='gram' with accumulation='exact'"):
+        assert opt.backward(losses).engine == "loop"
+    opt.step()
+    opt.zero_grad()
+    _, losses = task_losses(model, x, y)
+    assert opt.backward(losses).engine == "loop"  # kept
+    assert gb.RankMismatchError is gb.distributed.RankMismatchError
