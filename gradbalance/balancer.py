@@ -428,6 +428,8 @@ class Balancer:
         if sync is not None:  # autograd.grad fired no DDP hook: average the result once, here
             grads = sync.mean_present(grads, params)
         self._check_finite(grads, names, scale)
+        if agg.max_norm is not None:
+            grads = self._clip_shared(values, params, grads, agg, scale)
         self._add_to_grad(params, grads)
         self._close(names, losses, agg, written=None, commit=reused is None)
         return self._info(names, losses, agg, None, "losses" if reused is None else "reused")
@@ -640,6 +642,9 @@ class Balancer:
         if method.requires == "losses":
             losses = self._total(names, sync.mean(call), prev)
             agg = self._aggregate(TaskInputs(losses=losses, task_names=names, step=self.step_count))
+            if agg.max_norm is not None:
+                raise ValueError(f"{label} clips the shared gradient (max_norm), which is not supported "
+                                 "under FSDP yet: pass max_norm=None and clip by hand")
             self._check_window_weights(prev, agg.weights)
             totals = [torch.stack(values).mul(agg.weights.to(values[0].dtype)).sum()]
             if agg.head_weights is not None:
@@ -784,6 +789,28 @@ class Balancer:
         if agg.weights is None and agg.direction is None:
             raise RuntimeError(f"{type(self.method).__name__} returned neither weights nor direction")
         return agg
+
+    def _clip_shared(self, values, params, grads, agg: Aggregation, scale: float):
+        """``Aggregation.max_norm``: ``clip_grad_norm_`` of this call's shared gradients (those of
+        the explicit shared parameters, else of those reached by two or more losses; inferred
+        here without being stored). Writes the norm and the factor into ``agg.extras``."""
+        shared = self._shared
+        if shared is None:
+            hits = [jacobian.reached_parameters(v, params) for v in values]
+            shared = [p for j, p in enumerate(params) if sum(h[j] for h in hits) >= min(2, len(values))]
+        ids = {id(p) for p in shared}
+        idx = [j for j, p in enumerate(params) if id(p) in ids and grads[j] is not None]
+        if not idx:
+            return grads
+        norm = float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(distributed_mod.local(grads[j])) for j in idx]))) / scale
+        factor = min(1.0, agg.max_norm / (norm + 1e-6))
+        agg.extras.update(update_norm=norm * factor, clip=factor)
+        if factor < 1.0:
+            grads = list(grads)
+            for j in idx:
+                grads[j] = grads[j] * factor
+        return grads
 
     def _reweight_heads(self, values, params, grads, head_weights):
         shared_ids = {id(p) for p in self._shared}

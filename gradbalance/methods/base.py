@@ -76,6 +76,15 @@ class Aggregation:
             ``None`` means all ones).
         extras: diagnostics copied into :class:`~gradbalance.StepInfo` ``.extras``.
         pending: the state change that :meth:`Method.commit` applies once the step is taken.
+        max_norm: ask the engine to clip the norm of the shared parameters' combined gradient
+            to this value after weighting (``torch.nn.utils.clip_grad_norm_`` on the shared
+            parameters, as the official FAMO code does after its backward), or ``None``. For
+            methods that do not see the Gram matrix (``requires="losses"``), whose update norm
+            the method cannot compute; a method that sees ``M`` folds a clip into ``weights``
+            instead (``n = sqrt(w^T M w)``, weights times ``min(1, max_norm / (n + 1e-6))``).
+            Applied on the engine's losses path to each ``backward`` call's contribution
+            (the shared parameters: explicit, or inferred as those reached by two or more
+            losses); refused under FSDP.
     """
 
     weights: Tensor | None
@@ -83,6 +92,7 @@ class Aggregation:
     head_weights: Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     pending: Any = None
+    max_norm: float | None = None
 
 
 class Method:
@@ -257,6 +267,28 @@ def state_keys(inputs: TaskInputs, tasks: Sequence[str], method: str) -> list[st
     if not inputs.task_names and tasks:
         check_num_tasks(len(tasks), k, method)
     return list(inputs.task_names) or [f"task{i}" for i in range(k)]
+
+
+def clip_factor(weights: Tensor, gram: Tensor, max_norm: float | None) -> tuple[float, float]:
+    """``(norm, factor)`` of the update ``d = sum_i w_i g_i``: ``norm = sqrt(w^T M w)`` and the
+    factor ``min(1, max_norm / (norm + 1e-6))`` by which ``torch.nn.utils.clip_grad_norm_``
+    would scale it (``1.0`` when ``max_norm`` is ``None``)."""
+    w = weights.detach().to(gram.device, torch.float64)
+    norm = float(w @ gram.double() @ w) ** 0.5
+    if max_norm is None:
+        return norm, 1.0
+    return norm, min(1.0, max_norm / (norm + 1e-6))
+
+
+def check_max_norm(max_norm: Any) -> float | None:
+    """Validate a ``max_norm`` argument: a finite number > 0, or ``None`` (no clipping)."""
+    if max_norm is None:
+        return None
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
+        raise TypeError(f"max_norm must be a number or None, got {type(max_norm).__name__}")
+    if not 0.0 < max_norm < float("inf"):
+        raise ValueError(f"max_norm must be a finite number > 0 or None (no clipping), got {max_norm!r}")
+    return float(max_norm)
 
 
 def generator_from_state(state: Tensor) -> torch.Generator:

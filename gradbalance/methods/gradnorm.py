@@ -7,12 +7,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradbalance.methods.adam import adam_update
 from gradbalance.methods.base import Aggregation, Method, TaskInputs, register, state_keys
 
 __all__ = ["GradNorm"]
 
 OPTIMIZERS = ("adam", "sgd")
-_BETAS, _EPS = (0.9, 0.999), 1e-8
 _KINK = 1e-12  # |G_i - target_i| below this (relative) counts as 0: the subgradient at the kink
 
 
@@ -170,12 +170,10 @@ class GradNorm(Method):
         if self.optimizer == "sgd":
             w = self._w[index] - self.lr * grad
         else:
-            b1, b2 = _BETAS
-            m = self._m[index] = b1 * self._m[index] + (1 - b1) * grad
-            v = self._v[index] = b2 * self._v[index] + (1 - b2) * grad * grad
-            t = self._t[index].double()
-            m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
-            w = self._w[index] - self.lr * m_hat / (v_hat.sqrt() + _EPS)
+            # Adam with eps after the bias correction (Adam paper's Algorithm 1: no official code)
+            w, m, v = adam_update(self._w[index], grad, self._m[index], self._v[index],
+                                  self._t[index].double(), lr=self.lr, eps_placement="kingma")
+            self._m[index], self._v[index] = m, v
         w = w.clamp_min(0.0)
         self._w = self._w.clone()
         self._w[index] = w * (share / w.sum()) if bool(w.sum() > 0) else torch.full_like(w, share / len(w))

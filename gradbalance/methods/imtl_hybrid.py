@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 
+from gradbalance.methods.adam import adam_update
 from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_num_tasks, register
 from gradbalance.methods.imtl import MODES, imtl_g_weights
 
 __all__ = ["IMTL"]
 
-_BETAS, _EPS = (0.9, 0.999), 1e-8
 
 
 @register("imtl", "IMTL: learned loss scales (IMTL-L) combined with IMTL-G's impartial gradient")
@@ -102,12 +102,9 @@ class IMTL(Method):
         if self.optimizer == "sgd":
             self.s = s - self.lr * grad
             return
-        b1, b2 = _BETAS
-        self.exp_avg = b1 * self.exp_avg + (1 - b1) * grad
-        self.exp_avg_sq = b2 * self.exp_avg_sq + (1 - b2) * grad * grad
-        m_hat = self.exp_avg / (1 - b1**self.t)
-        v_hat = self.exp_avg_sq / (1 - b2**self.t)
-        self.s = s - self.lr * m_hat / (v_hat.sqrt() + _EPS)
+        # Adam with eps after the bias correction (Adam paper's Algorithm 1; module adam)
+        self.s, self.exp_avg, self.exp_avg_sq = adam_update(
+            s, grad, self.exp_avg, self.exp_avg_sq, self.t, lr=self.lr, eps_placement="kingma")
 
     def state_dict(self) -> dict[str, Any]:
         return {"num_tasks": self.num_tasks, "t": self.t, "s": self.s.clone(),

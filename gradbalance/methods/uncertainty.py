@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradbalance.methods.adam import adam_update
 from gradbalance.methods.base import (
     Aggregation,
     Method,
@@ -21,7 +22,6 @@ __all__ = ["UW"]
 
 KINDS = {"regression": 0.5, "classification": 1.0}  # the factor c in front of exp(-s) L
 OPTIMIZERS = ("adam", "sgd")
-_BETAS, _EPS = (0.9, 0.999), 1e-8
 
 
 @register("uw", "Uncertainty weighting (Kendall et al. 2018): learned homoscedastic log-variances")
@@ -137,12 +137,10 @@ class UW(Method):
             s[index] = s[index] - self.lr * grad
             self._s = s
             return
-        b1, b2 = _BETAS
-        m = self._m[index] = b1 * self._m[index] + (1 - b1) * grad
-        v = self._v[index] = b2 * self._v[index] + (1 - b2) * grad * grad
-        t = self._t[index].double()
-        m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
-        s[index] = s[index] - self.lr * m_hat / (v_hat.sqrt() + _EPS)
+        # Adam with eps after the bias correction (Adam paper's Algorithm 1; module adam)
+        s[index], self._m[index], self._v[index] = adam_update(
+            s[index], grad, self._m[index], self._v[index], self._t[index].double(),
+            lr=self.lr, eps_placement="kingma")
         self._s = s
 
     def state_dict(self) -> dict[str, Any]:
