@@ -332,7 +332,7 @@ class Balancer:
             shared = self._shared
             if method.mode == "representation" and not buffered:
                 return self._subset_step(names, values, params, call, prev, scale, features, None)
-            subset = shared if method.mode == "representation" else method.shared_subset(shared)
+            subset = shared if method.mode == "representation" else method.choose_subset(shared, values)
             partial = [id(p) for p in subset] != [id(p) for p in shared]
             if partial and not buffered:
                 return self._subset_step(names, values, params, call, prev, scale, None, subset)

@@ -14,6 +14,7 @@ method state, and leaves everything unchanged when a step raises.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -143,6 +144,12 @@ class Method:
         on that subset only, and its weights are applied by one backward of ``sum_i w_i L_i``.
         """
         return shared
+
+    def choose_subset(self, shared: list[Tensor], losses: Sequence[Tensor]) -> list[Tensor]:
+        """:meth:`shared_subset` with this step's losses at hand (their autograd graphs), for a
+        method that chooses its subset from the graph (GradNorm's default layer). The engine
+        calls this where it has the graph; the default ignores ``losses``."""
+        return self.shared_subset(shared)
 
     def state_dict(self) -> dict[str, Any]:
         """The method's state: tensors, ints and floats only (saved under ``"gradbalance"``
@@ -278,6 +285,40 @@ def clip_factor(weights: Tensor, gram: Tensor, max_norm: float | None) -> tuple[
     if max_norm is None:
         return norm, 1.0
     return norm, min(1.0, max_norm / (norm + 1e-6))
+
+
+def check_number(name: str, value: Any, *, positive: bool = False, minimum: float | None = None,
+                 integer: bool = False) -> Any:
+    """Validate one numeric hyper-parameter the same way in every method.
+
+    Booleans are not numbers (``lr=True`` is refused). Messages name the argument and the
+    value, e.g. ``"alpha must be positive, got -1"``.
+
+    Args:
+        name: the argument's name, for the message.
+        value: the value given.
+        positive: require ``value > 0``.
+        minimum: require ``value >= minimum``.
+        integer: require an ``int`` (otherwise an ``int`` or a ``float``).
+
+    Returns:
+        ``value`` as an ``int`` (``integer=True``) or a ``float``.
+
+    Raises:
+        TypeError: not a number (or not an int where one is required).
+        ValueError: NaN, infinite, or out of range.
+    """
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        what = "an int" if integer else "a number"
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    if minimum is not None and not value >= minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value) if integer else float(value)
 
 
 def check_max_norm(max_norm: Any) -> float | None:

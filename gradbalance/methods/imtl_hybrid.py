@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from gradbalance.methods.adam import adam_update
-from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_num_tasks, register
+from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_num_tasks, check_number, register
 from gradbalance.methods.imtl import MODES, imtl_g_weights
 
 __all__ = ["IMTL"]
@@ -62,12 +61,10 @@ class IMTL(Method):
 
     def __init__(self, lr: float = 1e-3, optimizer: str = "adam", init: float = 0.0,
                  mode: str = "exact") -> None:
-        if not (isinstance(lr, (int, float)) and lr > 0.0 and math.isfinite(lr)):
-            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+        lr = check_number("lr", lr, positive=True)
         if optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-        if not (isinstance(init, (int, float)) and math.isfinite(init)):
-            raise ValueError(f"init must be a finite number, got {init!r}")
+        init = check_number("init", init)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.lr, self.optimizer, self.init, self.mode = float(lr), optimizer, float(init), mode
