@@ -135,7 +135,8 @@ def test_gradients_match_a_port_of_the_official_code(k, max_norm):
     trunk = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh()).double()
     heads = torch.nn.ModuleList(torch.nn.Linear(6, 1) for _ in range(k)).double()
     gen = torch.Generator().manual_seed(7)
-    x, y = torch.randn(12, 5, generator=gen, dtype=torch.float64), torch.randn(12, k, generator=gen, dtype=torch.float64)
+    x = torch.randn(12, 5, generator=gen, dtype=torch.float64)
+    y = torch.randn(12, k, generator=gen, dtype=torch.float64)
 
     def losses_fn():
         z = trunk(x)

@@ -84,8 +84,8 @@ class UW(Method):
 
     requires = "losses"
 
-    def __init__(self, kind: str | Sequence[str] | Mapping[str, str] = "regression", init: float | Sequence[float] = 0.0,
-                 lr: float = 0.01, optimizer: str = "adam") -> None:
+    def __init__(self, kind: str | Sequence[str] | Mapping[str, str] = "regression",
+                 init: float | Sequence[float] = 0.0, lr: float = 0.01, optimizer: str = "adam") -> None:
         self._kind_map: dict[str, str] | None = None
         if isinstance(kind, Mapping):
             self._kind_map = {str(n): kd for n, kd in kind.items()}
