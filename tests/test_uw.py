@@ -86,8 +86,12 @@ def test_errors():
         UW(kind="poisson")
     with pytest.raises(ValueError, match="init"):
         UW(init=float("inf"))
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ValueError, match="init"):
+        UW(init=True)
+    with pytest.raises(ValueError, match="lr must be positive, got -1.0"):
         UW(lr=-1.0)
+    with pytest.raises(TypeError, match="lr must be a number"):
+        UW(lr=True)
     with pytest.raises(ValueError, match="optimizer"):
         UW(optimizer="adamw")
     with pytest.raises(ValueError, match="3 values of kind but has seen 4 tasks"):

@@ -96,7 +96,8 @@ class UW(Method):
             raise ValueError("kind must be 'regression', 'classification', a list of them or a dict "
                              f"{{task name: kind}}, got {kind!r}")
         inits = [init] if isinstance(init, (int, float)) else list(init)
-        if not inits or not all(isinstance(v, (int, float)) and abs(float(v)) < float("inf") for v in inits):
+        if not inits or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                and abs(float(v)) < float("inf") for v in inits):
             raise ValueError(f"init must be a finite float or a list of them, got {init!r}")
         lr = check_number("lr", lr, positive=True)
         if optimizer not in OPTIMIZERS:
