@@ -245,6 +245,8 @@ class FairGrad(Method):
         return np.array([math.exp(log_x1 - ln1), math.exp(log_x1 + log_r - ln2)])
 
     def aggregate(self, inputs: TaskInputs) -> Aggregation:
+        if inputs.gram is None:
+            raise ValueError("FairGrad needs the Gram matrix of the task gradients (inputs.gram)")
         gram = inputs.gram.detach().to("cpu", torch.float64).numpy()
         gram = 0.5 * (gram + gram.T)
         k = gram.shape[0]

@@ -39,7 +39,7 @@ def last_shared_layer(losses: Sequence[Tensor], shared: Sequence[Tensor]) -> int
     seen: set = set()
     level = 0
     while frontier and len(depth) < len(wanted):
-        nxt = []
+        nxt: list = []
         for fn in frontier:
             if fn is None or fn in seen:
                 continue
