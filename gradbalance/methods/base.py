@@ -85,7 +85,8 @@ class Aggregation:
             instead (``n = sqrt(w^T M w)``, weights times ``min(1, max_norm / (n + 1e-6))``).
             Applied on the engine's losses path to each ``backward`` call's contribution
             (the shared parameters: explicit, or inferred as those reached by two or more
-            losses); refused under FSDP.
+            losses; under FSDP they must be explicit). Ignored on the other paths, where the
+            method sees ``M`` and must fold the clip into its weights.
     """
 
     weights: Tensor | None
