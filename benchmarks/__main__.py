@@ -16,6 +16,7 @@ BENCHMARKS = {
     "mixed": ("benchmarks.mixed", "regression + binary + multi-class heads on one trunk (UTKFace layout too)"),
     "overhead": ("benchmarks.overhead", "per-step time and memory of each method/engine against a plain step"),
     "solvers": ("benchmarks.solvers", "min-norm solvers: time per solve and distance to the cvxpy optimum"),
+    "mgda_official": ("benchmarks.mgda_official", "MGDA: the official min-norm solver's objective gap to the exact QP"),
     "sharing": ("benchmarks.sharing", "hard vs soft sharing vs cross-stitch vs MMoE on two-digit images"),
     "ddp": ("benchmarks.ddp_multidigits", "MultiDigits under DDP (launches 2 CPU processes with torchrun)"),
 }
