@@ -262,3 +262,27 @@ def test_buffered_accumulation_folds_the_clip_into_the_weights():
     assert info.extras["clip"] < 1.0
     for w, p in zip(want, params):
         torch.testing.assert_close(p.grad, w, rtol=1e-10, atol=1e-14)
+
+
+def test_clip_under_a_grad_scaler_is_the_unscaled_clip():
+    """The norm is measured on the unscaled gradient: the same update with and without a scaler."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randn(16, 3, generator=g, dtype=torch.float64)
+    results = []
+    for scaled in (False, True):
+        trunk, heads = _famo_net()
+        params = list(trunk.parameters()) + list(heads.parameters())
+        opt = gb.GradBalance(torch.optim.SGD(params, lr=0.1), FAMO(max_norm=0.05), shared_params=trunk)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12) if scaled else None
+        for _ in range(3):
+            opt.zero_grad()
+            info = opt.backward(_famo_losses(trunk, heads, x, y), scaler=scaler)
+            assert info.extras["clip"] < 1.0
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13)
