@@ -54,7 +54,8 @@ class FAMO(Method):
     (``methods/weight_methods.py`` lines 77-80, used by every trainer, the toy included) the
     clip is called BEFORE ``loss.backward()``, right after ``optimizer.zero_grad()``, so it
     clips zero gradients and has no effect on the published runs; ``max_norm=None``
-    reproduces those runs. LibMTL's FAMO does not clip either.
+    reproduces those runs. LibMTL's FAMO (``LibMTL/weighting/FAMO.py``) does not clip either
+    (and defaults to ``gamma = 1e-3``, ``FAMO_w_gamma``).
 
     Delayed update, no extra forward pass: the official trainers evaluate ``L^now`` by a second
     forward pass after each step; here (as in the official toy trainer,
@@ -75,7 +76,7 @@ class FAMO(Method):
             run scripts use for NYU-v2, CelebA and QM9 (``experiments/*/run.sh``); Cityscapes
             uses ``1e-2``, the toy ``0.0``. The class default of the official ``famo.py`` is
             ``0.01``, of ``weight_methods.FAMO`` ``1e-5``, of the ``--gamma`` flag ``0.01``.
-            The paper introduces the decay as a regulariser that keeps the weighting focused
+            LibMTL's default is ``1e-3``. The paper introduces the decay as a regulariser that keeps the weighting focused
             on recent updates and tunes it per benchmark; it states no single default.
         min_losses: lower bounds ``m_i`` of the losses (a number, or a sequence of ``k``).
             Default ``0.0``. Every loss must stay ``> m_i``: a ``ValueError`` names the task
