@@ -822,7 +822,7 @@ class Balancer:
         else:
             norm = float(torch.linalg.vector_norm(torch.stack(
                 [torch.linalg.vector_norm(grads[j]) for j in idx]))) / scale
-        factor = min(1.0, agg.max_norm / (norm + 1e-6))
+        factor = min(1.0, float(agg.max_norm or 0.0) / (norm + 1e-6))  # (only called when it is set)
         agg.extras.update(update_norm=norm * factor, clip=factor)
         if factor < 1.0:
             grads = list(grads)
