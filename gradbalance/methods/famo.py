@@ -76,8 +76,9 @@ class FAMO(Method):
             run scripts use for NYU-v2, CelebA and QM9 (``experiments/*/run.sh``); Cityscapes
             uses ``1e-2``, the toy ``0.0``. The class default of the official ``famo.py`` is
             ``0.01``, of ``weight_methods.FAMO`` ``1e-5``, of the ``--gamma`` flag ``0.01``.
-            LibMTL's default is ``1e-3``. The paper introduces the decay as a regulariser that keeps the weighting focused
-            on recent updates and tunes it per benchmark; it states no single default.
+            LibMTL's default is ``1e-3``. The paper introduces the decay as a regulariser that
+            keeps the weighting focused on recent updates and tunes it per benchmark; it states
+            no single default.
         min_losses: lower bounds ``m_i`` of the losses (a number, or a sequence of ``k``).
             Default ``0.0``. Every loss must stay ``> m_i``: a ``ValueError`` names the task
             otherwise (the official code adds ``1e-8`` instead and silently takes the log of
