@@ -358,7 +358,7 @@ class Balancer:
             shared = self._shared
             if method.mode == "representation" and not buffered:
                 return self._subset_step(names, values, params, call, prev, scale, features, None)
-            subset = shared if method.mode == "representation" else method.shared_subset(shared)
+            subset = shared if method.mode == "representation" else method.choose_subset(shared, values)
             partial = [id(p) for p in subset] != [id(p) for p in shared]
             if partial and not buffered:
                 return self._subset_step(names, values, params, call, prev, scale, None, subset)
@@ -456,6 +456,8 @@ class Balancer:
         if sync is not None:  # autograd.grad fired no DDP hook: average the result once, here
             grads = sync.mean_present(grads, params)
         self._check_finite(grads, names, scale)
+        if agg.max_norm is not None:
+            grads = self._clip_shared(values, params, grads, agg, scale)
         self._add_to_grad(params, grads)
         self._close(names, losses, agg, written=None, commit=reused is None)
         return self._info(names, losses, agg, None, "losses" if reused is None else "reused")
@@ -707,6 +709,9 @@ class Balancer:
         if method.requires == "losses":
             losses = self._total(names, sync.mean(call), prev)
             agg = self._aggregate(TaskInputs(losses=losses, task_names=names, step=self.step_count))
+            if agg.max_norm is not None and self._shared is None:
+                raise ValueError(f"{label} clips the shared gradient (max_norm): under FSDP pass "
+                                 "shared_params explicitly (they cannot be inferred), or max_norm=None")
             self._check_window_weights(prev, agg.weights)
             totals = [torch.stack(values).mul(agg.weights.to(values[0].dtype)).sum()]
             if agg.head_weights is not None:
@@ -718,6 +723,8 @@ class Balancer:
                 grads = [g if id(p) in ids else h for p, g, h in zip(params, grads, passes[1])]
             grads = self._mean_unsharded(grads, params)
             self._check_finite(grads, names, scale, sync)
+            if agg.max_norm is not None:
+                grads = self._clip_shared(values, params, grads, agg, scale)
             self._add_to_grad(params, grads)
             self._close(names, losses, agg, written=None)
             return self._info(names, losses, agg, None, "losses")
@@ -873,6 +880,44 @@ class Balancer:
         if agg.weights is None and agg.direction is None:
             raise RuntimeError(f"{type(self.method).__name__} returned neither weights nor direction")
         return agg
+
+    def _clip_shared(self, values, params, grads, agg: Aggregation, scale: float):
+        """``Aggregation.max_norm``: ``clip_grad_norm_`` of this call's shared gradients (those of
+        the explicit shared parameters, else of those reached by two or more losses; inferred
+        here without being stored; under FSDP they must be explicit). Writes the norm and the
+        factor into ``agg.extras``."""
+        shared = self._shared
+        if shared is None:
+            hits = [jacobian.reached_parameters(v, params) for v in values]
+            shared = [p for j, p in enumerate(params) if sum(h[j] for h in hits) >= min(2, len(values))]
+        ids = {id(p) for p in shared}
+        idx = [j for j, p in enumerate(params) if id(p) in ids and grads[j] is not None]
+        sync = self.sync
+        if sync is not None and sync.fsdp:
+            # FSDP: each rank holds a shard of a sharded parameter's gradient (sum the squares
+            # across ranks) and the whole (already averaged) gradient of an unsharded one
+            sharded = [j for j in idx if distributed_mod.is_sharded(params[j])]
+            device = distributed_mod.local(grads[idx[0]] if idx else params[0]).device
+            sq = torch.zeros(1, dtype=torch.float64, device=device)
+            for j in sharded:
+                sq += distributed_mod.local(grads[j]).double().pow(2).sum()
+            sq = sync.sum_(sq)  # a collective: every rank calls it
+            for j in idx:
+                if j not in sharded:
+                    sq += grads[j].double().pow(2).sum()
+            norm = float(sq.sqrt()) / scale
+        elif not idx:
+            return grads
+        else:
+            norm = float(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(grads[j]) for j in idx]))) / scale
+        factor = min(1.0, float(agg.max_norm or 0.0) / (norm + 1e-6))  # (only called when it is set)
+        agg.extras.update(update_norm=norm * factor, clip=factor)
+        if factor < 1.0:
+            grads = list(grads)
+            for j in idx:
+                grads[j] = grads[j] * factor
+        return grads
 
     def _reweight_heads(self, values, params, grads, head_weights):
         shared_ids = {id(p) for p in self._shared}
