@@ -16,7 +16,7 @@ BENCHMARKS = {
     "mixed": ("benchmarks.mixed", "regression + binary + multi-class heads on one trunk (UTKFace layout too)"),
     "overhead": ("benchmarks.overhead", "per-step time and memory of each method/engine against a plain step"),
     "solvers": ("benchmarks.solvers", "min-norm solvers: time per solve and distance to the cvxpy optimum"),
-    "sharing": ("benchmarks.sharing", "hard vs soft sharing vs cross-stitch vs MMoE on two-digit images"),
+    "sharing": ("benchmarks.sharing", "hard/soft, cross-stitch, MMoE, PLE, DSelect-k, MTAN on two-digit images"),
     "ddp": ("benchmarks.ddp_multidigits", "MultiDigits under DDP (launches 2 CPU processes with torchrun)"),
 }
 
