@@ -84,11 +84,12 @@ class MTAN(nn.Module):
 
     Example:
         >>> import torch, gradbalance as gb
+        >>> from torch import nn
         >>> from gradbalance.nn import MTAN
         >>> def conv(a, b, s=1):
-        ...     return torch.nn.Sequential(torch.nn.Conv2d(a, b, 3, s, 1), torch.nn.BatchNorm2d(b), torch.nn.ReLU())
-        >>> stages = [torch.nn.Sequential(conv(3, 8), conv(8, 8)), torch.nn.Sequential(conv(8, 16, 2), conv(16, 16))]
-        >>> head = lambda: torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 1))
+        ...     return nn.Sequential(nn.Conv2d(a, b, 3, s, 1), nn.BatchNorm2d(b), nn.ReLU())
+        >>> stages = [nn.Sequential(conv(3, 8), conv(8, 8)), nn.Sequential(conv(8, 16, 2), conv(16, 16))]
+        >>> head = lambda: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 1))
         >>> model = MTAN(stages, {"a": head(), "b": head()}, example_input=torch.zeros(1, 3, 16, 16))
         >>> opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.1), "mean", shared_params=model)
         >>> info = opt.backward({t: o.pow(2).mean() for t, o in model(torch.randn(4, 3, 16, 16)).items()})
