@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -89,6 +89,8 @@ class DSelectKGate(nn.Module):
         >>> bool(torch.isclose(w.sum(), torch.tensor(1.0)))
         True
     """
+
+    codes: Tensor
 
     def __init__(self, num_experts: int, k: int, gamma: float = 1.0, in_features: int | None = None) -> None:
         super().__init__()
@@ -254,7 +256,7 @@ class DSelectK(nn.Module):
     def regularization(self, x: Tensor | None = None, entropy_weight: float = 0.0) -> Tensor:
         """The sum over tasks of :meth:`DSelectKGate.regularization` (the entropy regulariser
         times ``entropy_weight``, plus the reachability term when n is not a power of 2)."""
-        terms = [g.regularization(x, entropy_weight) for g in self.gates.values()]
+        terms = [cast(DSelectKGate, g).regularization(x, entropy_weight) for g in self.gates.values()]
         return torch.stack(terms).sum()
 
     def shared_parameters(self) -> list[Tensor]:

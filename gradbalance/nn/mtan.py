@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -144,7 +144,7 @@ class MTAN(nn.Module):
         try:
             self.stages.eval()
             with torch.no_grad():
-                for j, stage in enumerate(self.stages):
+                for j, stage in enumerate(self._stages()):
                     u = stage[:-1](x)
                     x = stage[-1](u)
                     for what, t in (("u", u), ("p", x)):
@@ -157,6 +157,9 @@ class MTAN(nn.Module):
                 m.train(mode)
         return shapes
 
+    def _stages(self) -> list[nn.Sequential]:
+        return [cast(nn.Sequential, s) for s in self.stages]
+
     @property
     def task_names(self) -> list[str]:
         return list(self.heads.keys())
@@ -165,14 +168,14 @@ class MTAN(nn.Module):
         names = self.task_names
         attended: dict[str, Tensor] = {}
         masks: dict[str, list[Tensor]] = {t: [] for t in names}
-        for j, stage in enumerate(self.stages):
+        for j, stage in enumerate(self._stages()):
             u = stage[:-1](x)
             p = stage[-1](u)
             size = p.shape[-2:]
             u_fit = _fit(u, size)
             for t in names:
                 g_in = u_fit if j == 0 else torch.cat([u_fit, _fit(self.extractors[j - 1](attended[t]), size)], 1)
-                a = self.attention[t][j](g_in)
+                a = cast(nn.ModuleList, self.attention[t])[j](g_in)
                 masks[t].append(a)
                 attended[t] = a * p
             x = p

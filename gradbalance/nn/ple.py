@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -153,7 +153,7 @@ class PLE(nn.Module):
         sizes = self._gate_sizes(levels, in_features, gates, shared_gates)
         self.gates = nn.ModuleList()
         for lv in range(levels):
-            n_out = {t: len(self.task_experts[lv][t]) + len(self.shared_experts[lv]) for t in names}
+            n_out = {t: len(self._own(lv, t)) + len(self._shared(lv)) for t in names}
             given = None if gates is None else gates[lv]
             if given is None:
                 given = {t: nn.Linear(sizes[lv], n_out[t]) for t in names}
@@ -167,7 +167,7 @@ class PLE(nn.Module):
             self.gates.append(level_gates)
         self.shared_gates = nn.ModuleList()
         for lv in range(levels - 1):
-            n_all = sum(len(self.task_experts[lv][t]) for t in names) + len(self.shared_experts[lv])
+            n_all = sum(len(self._own(lv, t)) for t in names) + len(self._shared(lv))
             g = nn.Linear(sizes[lv], n_all) if shared_gates is None else shared_gates[lv]
             if not isinstance(g, nn.Module):
                 raise TypeError(f"shared_gates[{lv}] must be an nn.Module, got {type(g).__name__}")
@@ -192,7 +192,7 @@ class PLE(nn.Module):
                              f"given, got {in_features!r}")
         sizes = [int(in_features)]  # type: ignore[arg-type]
         for lv in range(1, levels):
-            d = _out_features(self.shared_experts[lv - 1][0])
+            d = _out_features(self._shared(lv - 1)[0])
             if d is None:
                 raise ValueError(f"cannot read the output size of the level-{lv - 1} experts; pass in_features "
                                  "as a list with one size per level")
@@ -207,6 +207,12 @@ class PLE(nn.Module):
             if owner.setdefault(id(p), who) != who:
                 raise ValueError(f"a parameter is held by both {owner[id(p)]!r} and {who!r} (tied weights); "
                                  "give each part its own modules")
+
+    def _own(self, lv: int, t: str) -> nn.ModuleList:
+        return cast(nn.ModuleList, cast(nn.ModuleDict, self.task_experts[lv])[t])
+
+    def _shared(self, lv: int) -> nn.ModuleList:
+        return cast(nn.ModuleList, self.shared_experts[lv])
 
     @property
     def task_names(self) -> list[str]:
@@ -225,7 +231,7 @@ class PLE(nn.Module):
         weights: dict[str, list[Tensor]] = {t: [] for t in [*names, "shared"]}
         features = None
         for lv in range(self.levels):
-            shared_out = [e(shared_in) for e in self.shared_experts[lv]]
+            shared_out = [e(shared_in) for e in self._shared(lv)]
             if lv == last:
                 # the cut through which every shared parameter reaches the losses (class docstring)
                 if lv == 0:
@@ -238,11 +244,12 @@ class PLE(nn.Module):
                     split = [s.reshape(p.shape) for s, p in zip(split, pieces)]
                     inputs = dict(zip(names, split[: len(names)]))
                     shared_out = split[len(names):]
-            own = {t: [e(inputs[t]) for e in self.task_experts[lv][t]] for t in names}
+            own = {t: [e(inputs[t]) for e in self._own(lv, t)] for t in names}
             new_inputs = {}
             for t in names:
                 g = inputs[t]
-                w = torch.softmax(self.gates[lv][t](g.reshape(g.shape[0], -1) if lv else g), dim=-1)
+                gate = cast(nn.ModuleDict, self.gates[lv])[t]
+                w = torch.softmax(gate(g.reshape(g.shape[0], -1) if lv else g), dim=-1)
                 weights[t].append(w)
                 new_inputs[t] = _mix(w, own[t] + shared_out, f"gate {t!r} of level {lv}")
             if lv < last:
@@ -280,5 +287,6 @@ class PLE(nn.Module):
         """Task ``name``'s experts and gates at every level, and its tower."""
         if name not in self.towers:
             raise KeyError(f"unknown task {name!r}; tasks are {self.task_names}")
-        mods = [*(lv[name] for lv in self.task_experts), *(lv[name] for lv in self.gates), self.towers[name]]
+        mods = [*(self._own(lv, name) for lv in range(self.levels)),
+                *(cast(nn.ModuleDict, g)[name] for g in self.gates), self.towers[name]]
         return unique(p for m in mods for p in m.parameters())
