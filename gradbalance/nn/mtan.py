@@ -94,8 +94,9 @@ class MTAN(nn.Module):
         >>> opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.1), "mean", shared_params=model)
         >>> info = opt.backward({t: o.pow(2).mean() for t, o in model(torch.randn(4, 3, 16, 16)).items()})
         >>> opt.step()
-        >>> [tuple(a.shape) for a in model.attention_masks(torch.randn(2, 3, 16, 16))["a"]]
-        [(2, 8, 16, 16), (2, 16, 8, 8)]
+        >>> masks = model.attention_masks(torch.randn(2, 3, 16, 16))["a"]  # one per stage
+        >>> masks[0].shape, masks[1].shape
+        (torch.Size([2, 8, 16, 16]), torch.Size([2, 16, 8, 8]))
 
     References:
         Liu, Johns, Davison. "End-to-End Multi-Task Learning with Attention", CVPR 2019.
