@@ -66,12 +66,12 @@ class DSelectKGate(nn.Module):
     *Static* gate (``in_features=None``): ``z`` and ``alpha`` are parameters, one gate for all
     examples. *Per-example* gate (``in_features=d``): ``z^(i) = Z^(i) x`` and
     ``alpha = A x`` are affine in the flat input ``x`` (the form the paper uses for multi-task
-    learning). Initialisation as in the authors' code (and LibMTL's port of it): ``z`` (or the
+    learning). Initialisation as in LibMTL's port of the authors' code: ``z`` (or the
     weight and bias of ``Z``) uniform in ``[-gamma/100, gamma/100]``, so that every selector
     starts in the smooth region, near uniform; ``alpha`` (or ``A``) uniform in ``[-0.05, 0.05]``.
 
     When n is not a power of 2, only the first n of the ``2^m`` codes are experts: the weights
-    then sum to at most 1, and :meth:`regularization` adds the authors' code's term
+    then sum to at most 1, and :meth:`regularization` adds the term of that code
     ``sum_i 1 / sum_e r(z^(i))_e``, which keeps a selector from moving all its weight to a code
     with no expert. With n a power of 2 they sum to exactly 1.
 
