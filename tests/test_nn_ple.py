@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+import gradbalance as gb
 from gradbalance import jacobian
 from gradbalance.nn import CGC, PLE
+from tests.helpers import FixedWeights
 from tests.nn_checks import METHODS, REPRESENTATION_METHODS, check_balanced_steps
 
 
@@ -135,6 +137,18 @@ def test_end_to_end(method):
     model = _two_levels()
     x, y = torch.randn(10, 5), torch.randn(10, 2)
     check_balanced_steps(model, method, lambda: _losses(model, x, y))
+
+
+def test_reached_scope_balances_the_lower_task_experts():
+    model = _two_levels()
+    x, y = torch.randn(10, 5), torch.randn(10, 2)
+    reached = model.shared_parameters("reached")
+    opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.1), FixedWeights([0.3, 0.7]), shared_params=reached)
+    losses = _losses(model, x, y)
+    g = {t: torch.autograd.grad(losses[t], reached, retain_graph=True) for t in ("a", "b")}
+    opt.backward(losses)
+    for i, p in enumerate(reached):  # b's level-1 experts get 0.3 g_a + 0.7 g_b, like the shared experts
+        torch.testing.assert_close(p.grad, 0.3 * g["a"][i] + 0.7 * g["b"][i], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("method", REPRESENTATION_METHODS)
