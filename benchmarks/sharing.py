@@ -6,8 +6,10 @@ Trains the ``gradbalance.nn`` architectures on a two-digit task built from sciki
 when registered, MGDA ("mgda"), with the same seeds, and writes test accuracy per task and the
 step time to ``benchmarks/results/sharing.md``.
 
-    python -m benchmarks.sharing            # 3 seeds, 15 epochs (a few minutes on 1 CPU core)
-    python -m benchmarks.sharing --quick    # 1 seed, 3 epochs, fewer samples (seconds)
+    python -m benchmarks.sharing            # 3 seeds, 15 epochs (46 min on a busy 2-core machine;
+                                            # the conv rows hard_conv and mtan take most of it)
+    python -m benchmarks.sharing --quick    # 1 seed, 3 epochs, fewer samples (about a minute)
+    python -m benchmarks.sharing --archs hard mtan   # a subset, still side by side in one run
 """
 
 from __future__ import annotations
