@@ -28,8 +28,8 @@ class CGC(nn.Module):
     a task's own experts, gate and tower are its task parameters. With no task-specific experts
     this is :class:`~gradbalance.nn.MMoE` over the shared experts.
 
-    Not implemented: PLE's stacking of several CGC levels (with a shared gate feeding the next
-    level); stack CGC blocks by hand if needed.
+    PLE's stacking of several CGC levels (with a shared gate feeding the next level) is
+    :class:`~gradbalance.nn.PLE`; with one level it equals this block.
 
     Args:
         shared_experts: list of modules (at least one) mapping the input to ``(N, d)``.
