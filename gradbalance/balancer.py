@@ -674,7 +674,14 @@ class Balancer:
         shared = self._shared
         assert shared is not None  # set by backward() before any exact path
         self._check_reach(names, values, shared)
-        result = gram_mod.gram_matrix(values, shared, features=features)
+        try:
+            result = gram_mod.gram_matrix(values, shared, features=features)
+        except RuntimeError as err:  # an op vmap cannot run (e.g. a custom Function leaving torch)
+            self._gram_off = True  # nothing was written and the graph is intact: take the loop
+            warnings.warn(f"engine='gram' could not batch the backward over the tasks ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:120]}); this and later steps use the loop engine",
+                          RuntimeWarning, stacklevel=4)
+            return self._exact_step(names, values, params, call, prev, scale, features)
         # GradScaler: M of the unscaled gradients (the losses were scaled by ``scale``)
         gram = self._checked_gram(result.gram if scale == 1.0 else result.gram / scale**2, names)
         losses = self._total(names, call, prev)

@@ -255,6 +255,46 @@ def test_head_weights_apart_from_shared_weights():
             assert rel(a, b) < 1e-10
 
 
+class _NumpyTanh(torch.autograd.Function):
+    """A layer whose backward leaves torch (numpy): vmap cannot batch it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return torch.from_numpy(g.detach().numpy() * (1 - y.detach().numpy() ** 2))
+
+
+def test_unbatchable_backward_falls_back_to_the_loop_with_a_warning():
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(4, 6))
+    heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(K))
+    params = [*trunk.parameters(), *heads.parameters()]
+    x = torch.randn(5, 4)
+    grads = {}
+    for engine in ("gram", "loop"):
+        opt = gb.GradBalance(torch.optim.SGD(params, lr=0.0), "mgda", shared_params=trunk, engine=engine)
+        for step in range(2):
+            opt.zero_grad()
+            z = _NumpyTanh.apply(trunk(x))
+            losses = [h(z).pow(2).mean() * (i + 1) for i, h in enumerate(heads)]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                info = opt.backward(losses, features=z)
+            opt.step()
+            if engine == "gram":
+                assert info.engine == "loop"
+                assert len([w for w in caught if "could not batch" in str(w.message)]) == (step == 0)
+        grads[engine] = [p.grad.clone() for p in params]
+    for a, b in zip(grads["gram"], grads["loop"]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
 def test_grad_scaler_unscales_before_the_gram():
     def run(scaled):
         model = MultiTaskNet(2)
