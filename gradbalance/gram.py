@@ -59,6 +59,19 @@ AUTO_BUDGET_BYTES = 1 << 30
 
 _FORMS = ("auto", "activations", "gradients")
 
+try:  # functorch's accessors (torch >= 2.0): a hook reads all k tasks behind a batched tensor
+    from torch._C._functorch import current_level as _current_level
+    from torch._C._functorch import get_unwrapped as _get_unwrapped
+    from torch._C._functorch import is_batchedtensor as _is_batched
+    from torch._C._functorch import maybe_get_bdim as _get_bdim
+    from torch._C._functorch import maybe_get_level as _get_level
+
+    #: read the batch directly (about 10x cheaper per hook than a custom Function's vmap rule,
+    #: which is the public route and the fallback where these accessors are missing)
+    _UNWRAP = True
+except ImportError:  # pragma: no cover - depends on the torch build
+    _UNWRAP = False
+
 
 @dataclass
 class GramResult:
@@ -207,16 +220,31 @@ class _ActivationTap(torch.autograd.Function):
         return dy.new_zeros(()), None
 
 
+def _all_tasks(t: Tensor, k: int) -> Tensor:
+    """The ``(k, *shape)`` tensor behind ``t`` inside the engine's ``vmap`` (``t`` batched at the
+    current level; an unbatched ``t`` is the same for every task)."""
+    if _is_batched(t) and _get_level(t) == _current_level():
+        return _get_unwrapped(t).movedim(_get_bdim(t), 0)
+    return t.unsqueeze(0).expand(k, *t.shape)
+
+
 def _gradient_hook(acc: _Accumulator, key: int) -> Any:
     def hook(g: Tensor) -> Tensor:
-        return _GradientTap.apply(g, acc, key)
+        if not _UNWRAP:
+            return _GradientTap.apply(g, acc, key)
+        _add_gradient_block(acc, key, _all_tasks(g, acc.k))
+        # a zero-strided zero in place of the k gradients: autograd returns nothing of size k x P
+        return torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape)
 
     return hook
 
 
 def _activation_hook(acc: _Accumulator, key: int, x: Tensor) -> Any:
     def prehook(grad_outputs: tuple[Tensor, ...]) -> None:
-        _ActivationTap.apply(grad_outputs[0], x, acc, key)
+        if not _UNWRAP:
+            _ActivationTap.apply(grad_outputs[0], x, acc, key)
+        else:
+            _add_activation_block(acc, key, _all_tasks(grad_outputs[0], acc.k), x)
 
     return prehook
 
@@ -235,38 +263,22 @@ class _Holder:
         return tensor
 
 
-class _Release(torch.autograd.Function):
-    """Under ``vmap``: hands over the ``(k, ...)`` cotangents as the batched gradient, keeping no
-    reference, so autograd frees them once the first node has used them (else they would stay
-    alive through the whole backward: one more ``k x`` activation-sized buffer at the peak)."""
-
-    @staticmethod
-    def forward(g: Tensor, holder: _Holder) -> Tensor:  # type: ignore[override]
-        raise RuntimeError("gram engine: _Release runs only under vmap")
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        pass
-
-    @staticmethod
-    def vmap(info: Any, in_dims: Any, g: Tensor, holder: _Holder) -> Any:
-        return holder.take(), 0
-
-
 class _Source(torch.autograd.Function):
-    """A scalar node above ``z`` whose backward yields the held cotangents as ``z``'s gradient."""
+    """A scalar node above ``z`` whose backward hands autograd the held cotangents as ``z``'s
+    gradient and keeps no reference to them, so they are freed once the first node of the trunk
+    has used them (held through the whole backward they would add one more ``k x`` activation-
+    sized buffer at the peak). The batched cotangent of the node is the task index ``i``; its
+    backward selects row ``i`` of the buffer (one copy, made while nothing else is alive)."""
 
     @staticmethod
-    def forward(z: Tensor, holder: _Holder) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, z: Tensor, holder: _Holder) -> Tensor:  # type: ignore[override]
+        ctx.holder = holder
         return z.new_zeros(())
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        ctx.holder = inputs[1]
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> Any:  # type: ignore[override]
-        return _Release.apply(g, ctx.holder), None
+    def backward(ctx: Any, index: Tensor) -> Any:  # type: ignore[override]
+        buffer = ctx.holder.take()
+        return buffer.index_select(0, index.reshape(1).long()).squeeze(0), None
 
 
 # --------------------------------------------------------------------------- the graph
@@ -410,7 +422,7 @@ def gram_matrix(
             del g
         # the batched backward starts at a scalar node above z that hands autograd the buffer
         root = _Source.apply(features, _Holder(cotangents))
-        cotangents = torch.ones(k, dtype=features.dtype, device=features.device)
+        cotangents = torch.arange(k, dtype=features.dtype, device=features.device)
         route = "features"
     else:
         root = torch.stack([v.reshape(()) for v in losses])

@@ -129,6 +129,20 @@ def test_both_linear_forms_give_the_same_gram_in_float64(arch):
     torch.testing.assert_close(by_act.gram, loop_gram(losses, shared), rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("arch", ["mlp", "tied"])
+def test_public_vmap_route_gives_the_same_gram(arch, monkeypatch):
+    # without functorch's accessors the hooks leave vmap through custom Functions' vmap rules
+    trunk, _, make = build(arch, dtype=torch.float64)
+    shared = list(trunk.parameters())
+    z, losses = make()
+    fast = gram.gram_matrix(losses, shared, features=z, linear="activations").gram
+    monkeypatch.setattr(gram, "_UNWRAP", False)
+    public = gram.gram_matrix(losses, shared, features=z, linear="activations")
+    assert public.forms["activations"] >= 1
+    torch.testing.assert_close(public.gram, fast, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(public.gram, loop_gram(losses, shared), rtol=1e-12, atol=1e-15)
+
+
 def test_tied_weight_is_never_split_into_per_use_blocks():
     # a's weight reaches the output along two paths: the block must be <g_i, g_j> of the SUMMED
     # gradient (cross terms between the uses included), so it is taken from its gradients
