@@ -14,8 +14,9 @@ already built):
 
 * the ``k`` cotangents (``eye(k)`` over the stacked losses, or the ``k`` gradients ``dL_i/dz`` of
   the shared representation ``z`` when ``features=`` is given) are pushed through the graph by one
-  ``torch.func.vmap`` of :func:`torch.autograd.grad` (the batched vector-Jacobian product of
-  :mod:`gradbalance.jacobian`'s notes, run on the existing graph);
+  ``torch.func.vmap`` of :func:`torch.autograd.grad` on the existing graph (no second forward).
+  The ``dL_i/dz`` are handed to autograd by a scalar node above ``z`` that keeps no reference to
+  them, so they are freed after the trunk's first node has used them;
 * **gradient blocks**: a hook on every shared parameter receives that parameter's ``k``
   gradients (autograd has already summed the contributions of every use of the parameter, so
   weight tying is exact), adds ``g g^T`` to ``M`` and hands autograd a zero-strided tensor instead:
@@ -26,9 +27,11 @@ already built):
   for the backward anyway) ``<dY_i^T X, dY_j^T X> = <dY_i, (X X^T) dY_j>``: ``N x N`` products
   instead of ``out x in`` ones. :func:`linear_form` chooses per layer (rule in its docstring).
 
-The hooks see the whole batch of ``k`` tasks through a :class:`torch.autograd.Function` with a
-``vmap`` staticmethod (the public way to leave ``vmap`` for one operation); they are removed
-before :func:`gram_matrix` returns, also on error. The graph is kept (``retain_graph=True``) for
+The hooks see the whole batch of ``k`` tasks behind the batched tensors that ``vmap`` hands them,
+through functorch's accessors (``torch._C._functorch``, present since torch 2.0); where those are
+missing they go through a :class:`torch.autograd.Function` with a ``vmap`` staticmethod (the public
+way to leave ``vmap`` for one operation, as torchjd does; about ten times the per-hook overhead).
+They are removed before :func:`gram_matrix` returns, also on error. The graph is kept (``retain_graph=True``) for
 the weighted backward that follows.
 
 Everything stays on the parameters' device; ``M`` is accumulated in float64.
