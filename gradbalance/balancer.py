@@ -662,9 +662,9 @@ class Balancer:
             warnings.warn(
                 "engine='gram' with accumulation='exact': a second backward call before step() needs "
                 "the cross terms between the calls' task gradients, which the Gram engine does not "
-                "keep. This window combines this call on its own (as accumulation='combine' would); "
-                "from the next step on the loop engine runs, exact. Pass accumulation='combine' to "
-                "keep the Gram engine with per-call combination.",
+                "keep. So this window is not exactly one big batch (its first call was combined on its "
+                "own); from the next step on the loop engine runs, exact. Pass accumulation='combine' "
+                "to keep the Gram engine with per-call combination.",
                 UserWarning, stacklevel=4,
             )
             return False
