@@ -340,7 +340,7 @@ class Balancer:
             partial = [id(p) for p in subset] != [id(p) for p in shared]
             if partial and not buffered:
                 return self._subset_step(names, values, params, call, prev, scale, None, subset)
-            if not partial and self._use_gram(len(names), shared):
+            if not partial and self._use_gram(values, shared):
                 return self._gram_step(names, values, params, call, prev, scale, features)
             return self._exact_step(names, values, params, call, prev, scale, features,
                                     subset if partial else None)
@@ -634,18 +634,19 @@ class Balancer:
 
     # -- path 3b: engine="gram": the method's Gram matrix without the k x P task gradients
     #    (gradbalance.gram), then one ordinary backward of sum_i w_i L_i for shared params and heads
-    def _use_gram(self, k: int, shared: list[Tensor]) -> bool:
+    def _use_gram(self, values: list[Tensor], shared: list[Tensor]) -> bool:
         """Whether this step of a requires="gram" method on every shared parameter runs the Gram
-        engine: engine="gram", or engine="auto" when the k x P matrix would exceed
-        ``gram.AUTO_BUDGET_BYTES``. A second call in an accumulation="exact" window cannot be exact
-        without the first call's task gradients: warn once, use the loop from then on."""
+        engine: engine="gram", or engine="auto" by ``gram.prefer_gram`` (the k x P matrix over
+        ``gram.AUTO_BUDGET_BYTES`` and larger than the Gram engine's estimated working set). A
+        second call in an accumulation="exact" window cannot be exact without the first call's
+        task gradients: warn once, use the loop from then on."""
         method = self.method
         if self._gram_off or method.requires != "gram" or method.mode != "exact":
             return False
         if self.accumulation == "buffered" or self._use_loop:
             return False
         if self.engine == "auto":
-            if self.sync is not None or not gram_mod.prefer_gram(k, shared):
+            if self.sync is not None or not gram_mod.prefer_gram(len(values), shared, values):
                 return False
         elif self.engine != "gram":
             return False

@@ -50,6 +50,7 @@ from torch import Tensor
 __all__ = [
     "AUTO_BUDGET_BYTES",
     "GramResult",
+    "batched_backward_bytes",
     "gram_matrix",
     "jacobian_bytes",
     "linear_form",
@@ -99,15 +100,59 @@ def jacobian_bytes(k: int, shared: Sequence[Tensor]) -> int:
     return k * sum(p.numel() * p.element_size() for p in shared)
 
 
-def prefer_gram(k: int, shared: Sequence[Tensor], budget: int | None = None) -> bool:
-    """``engine="auto"``'s rule for ``requires="gram"`` methods: the Gram engine when the ``k x P``
-    matrix would exceed ``budget`` bytes (default :data:`AUTO_BUDGET_BYTES`, 1 GiB).
+def batched_backward_bytes(k: int, losses: Sequence[Tensor], shared: Sequence[Tensor]) -> int | None:
+    """Estimate of the Gram engine's working set: two ``k x`` buffers of the largest gradient that
+    flows into an inner node of the losses' graph (a layer's output and input gradients for all
+    ``k`` tasks are alive together while its backward runs), plus ``k x`` the largest shared
+    parameter whose block is taken from its gradients. ``None`` where the graph does not expose
+    its nodes' input shapes."""
+    nodes, incoming = _walk([loss.grad_fn for loss in losses])
+    shared_ids = {id(p) for p in shared}
+    largest = 0
+    for node in nodes:
+        if _leaf(node) is not None:
+            continue
+        leaves = [_leaf(c) for c, _ in node.next_functions if c is not None]
+        # a node on a parameter's side (its transpose, a view, a cast) carries that parameter's
+        # gradient, which the block term counts: skip inputs the size of a child parameter
+        sizes = {t.numel() for t in leaves if t is not None} if leaves and None not in leaves else set()
+        try:
+            metadata = node._input_metadata
+        except (AttributeError, RuntimeError):  # pragma: no cover - depends on the torch build
+            return None
+        for m in metadata:
+            if math.prod(m.shape) in sizes:
+                continue
+            largest = max(largest, math.prod(m.shape) * torch.empty((), dtype=m.dtype).element_size())
+    by_activation = {id(c[1]) for c in _linear_candidates(nodes, incoming, shared_ids)
+                     if linear_form(c[3].shape[0], c[3].shape[1], c[1].shape[0], k) == "activations"}
+    in_graph = {id(_leaf(n)) for n in nodes if _leaf(n) is not None}
+    block = max((p.numel() * p.element_size() for p in shared
+                 if id(p) in in_graph and id(p) not in by_activation), default=0)
+    return 2 * k * largest + k * block
 
-    Below the budget the loop (or batched) engine stays the default: on CPU the loop measured as
-    fast as the Gram engine at small k (``python -m benchmarks gram``), and it supports every
-    accumulation mode and distributed training.
+
+def prefer_gram(k: int, shared: Sequence[Tensor], losses: Sequence[Tensor] | None = None,
+                budget: int | None = None) -> bool:
+    """``engine="auto"``'s rule for ``requires="gram"`` methods.
+
+    The Gram engine when the ``k x P`` matrix of the loop engine would exceed ``budget`` bytes
+    (default :data:`AUTO_BUDGET_BYTES`, 1 GiB) AND, given the ``losses``, the Gram engine's own
+    working set (:func:`batched_backward_bytes`) is smaller than that matrix. The second test
+    keeps the loop for networks whose activations outweigh their parameters (convolutional
+    trunks on large images and batches: there ``k`` copies of an activation cost more than ``k``
+    copies of the parameters, as the ``conv`` rows of ``python -m benchmarks gram`` show).
+
+    Below the budget the loop (or batched) engine stays the default: it supports every
+    accumulation mode and distributed training, and at small ``k`` it measured faster.
     """
-    return jacobian_bytes(k, shared) > (AUTO_BUDGET_BYTES if budget is None else budget)
+    matrix = jacobian_bytes(k, shared)
+    if matrix <= (AUTO_BUDGET_BYTES if budget is None else budget):
+        return False
+    if losses is None:
+        return True
+    estimate = batched_backward_bytes(k, losses, shared)
+    return estimate is None or estimate < matrix
 
 
 def linear_form(rows: int, fan_in: int, fan_out: int, k: int) -> str:

@@ -211,6 +211,24 @@ def test_prefer_gram_compares_the_k_by_p_matrix_with_the_budget():
     assert not gram.prefer_gram(4, p, budget=4 * 105 * 4)
 
 
+def test_prefer_gram_keeps_the_loop_where_activations_outweigh_parameters():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, padding=1)  # 224 parameters, 8 x 16 x 16 outputs per sample
+    head = nn.Linear(8, 1)
+    x = torch.randn(16, 3, 16, 16)
+    feats = conv(x)
+    losses = [head(feats.mean((2, 3))).pow(i + 1).mean() for i in range(3)]
+    shared = list(conv.parameters())
+    # largest gradient into a node: the conv output, 16 x 8 x 16 x 16 floats; largest block: the
+    # conv kernel, 8 x 3 x 3 x 3 floats
+    assert gram.batched_backward_bytes(3, losses, shared) == 2 * 3 * 16 * 8 * 16 * 16 * 4 + 3 * 216 * 4
+    assert not gram.prefer_gram(3, shared, losses, budget=0)  # 2 x 3 x 128 KiB > 3 x 224 floats
+    lin = nn.Linear(512, 512)
+    h = lin(torch.randn(2, 512))
+    losses = [h.pow(i + 1).mean() for i in range(3)]
+    assert gram.prefer_gram(3, list(lin.parameters()), losses, budget=0)  # 3 x 1 MiB > 2 x 3 x 4 KiB
+
+
 # ----------------------------------------------------------------------------- the wrapper
 GRAM_METHODS = [n for n in gb.available_methods()
                 if make_method(n).requires == "gram" and make_method(n).mode == "exact"
@@ -397,10 +415,11 @@ def test_combine_accumulation_keeps_the_gram_engine():
 
 
 def test_auto_chooses_gram_only_above_the_memory_budget(monkeypatch):
+    # a wide trunk on a small batch: k x P outweighs two k x (activation) buffers
     for budget, expected in ((gram.AUTO_BUDGET_BYTES, "loop"), (0, "gram")):
         monkeypatch.setattr(gram, "AUTO_BUDGET_BYTES", budget)
-        model = MultiTaskNet(2)
-        x, y = make_batch(2)
+        model = MultiTaskNet(2, width=64)
+        x, y = make_batch(2, n=8)
         opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.1), "mgda", shared_params=model.trunk)
         z, losses = task_losses(model, x, y)
         assert opt.backward(losses, features=z).engine == expected
