@@ -41,6 +41,14 @@ from benchmarks.common import RESULTS, environment, markdown_table, write_result
 from benchmarks.overhead import Config, Setup
 from gradbalance.methods.base import make_method
 
+_DESCRIPTION = (
+    "Configurations: a plain `sum(losses).backward()` step; `GradBalance(method, engine=...)` with "
+    "`loop`, `batched` and `gram` (`features=z` passed to each); torchjd's autogram "
+    "(`Engine(trunk, batch_dim=None).compute_gramian(stack(losses))`, torchjd's weighting of the same "
+    "method, then `stack(losses).backward(weights)`), on a copy of the model with the same weights. "
+    "Peak memory: `torch.cuda.max_memory_allocated` above the start of the step on CUDA, the "
+    "replayed allocations of the PyTorch profiler on CPU (`benchmarks.overhead.peak_bytes`)."
+)
 FULL_KS = (2, 10, 40)
 QUICK_KS = (2, 4)
 ENGINES = ("loop", "batched", "gram")
@@ -189,7 +197,7 @@ def report(rows: list[dict], descriptions: dict[str, str], command: str, method:
            f"`{command}` on {environment()}; {overhead._torchjd_version()}.", "",
            "Cells: median step time / the plain step's, and in brackets peak memory / the plain step's "
            "(same model, same run, timed round-robin). A step is forward + balancing + `SGD.step()`. "
-           + " ".join(" ".join((__doc__ or "").split("\n\n")[i].split()) for i in (2, 4)), ""]
+           + _DESCRIPTION, ""]
     labels = ["plain step", *[f"{method} ({e})" for e in ENGINES], f"{method} (torchjd autogram)"]
     for model in dict.fromkeys(r["model"] for r in rows):
         mrows = [r for r in rows if r["model"] == model]
