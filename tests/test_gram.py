@@ -497,3 +497,30 @@ def test_quick_benchmark_runs_and_agrees_with_the_loop(tmp_path, monkeypatch):
     assert rows[0]["agreement"] < 1e-5
     tjd = by_label["mgda (torchjd autogram)"]
     assert tjd["status"] == "ok" or tjd["status"].startswith("skipped")
+
+
+def test_update_every_reuses_the_gram_engines_weights():
+    model = MultiTaskNet(3)
+    x, y = make_batch(3)
+    opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.0), "mgda", shared_params=model.trunk,
+                         engine="gram", update_every=2)
+    infos = []
+    for _ in range(3):
+        opt.zero_grad()
+        z, losses = task_losses(model, x, y)
+        infos.append(opt.backward(losses, features=z))
+        opt.step()
+    assert [i.engine for i in infos] == ["gram", "reused", "gram"]
+    torch.testing.assert_close(infos[1].weights, infos[0].weights, rtol=0, atol=0)
+
+
+def test_functional_backward_with_the_gram_engine():
+    grads = {}
+    for engine in ("gram", "loop"):
+        model = MultiTaskNet(3)
+        x, y = make_batch(3)
+        z, losses = task_losses(model, x, y)
+        info = gb.backward(losses, model.trunk, "upgrad", features=z, engine=engine)
+        assert info.engine == engine
+        grads[engine] = [p.grad.clone() for p in model.parameters()]
+    assert rel_update(grads["gram"], grads["loop"]) < 1e-5
