@@ -524,3 +524,32 @@ def test_functional_backward_with_the_gram_engine():
         assert info.engine == engine
         grads[engine] = [p.grad.clone() for p in model.parameters()]
     assert rel_update(grads["gram"], grads["loop"]) < 1e-5
+
+
+def test_the_k_by_p_matrix_is_never_formed():
+    # four wide layers, a small batch: k x P (16 MiB) dwarfs everything else the step allocates
+    from benchmarks.overhead import peak_bytes
+
+    torch.manual_seed(0)
+    k = 16
+    trunk = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(256, 256), nn.Tanh())])
+    heads = [nn.Linear(256, 1) for _ in range(k)]
+    x = torch.randn(4, 256)
+    shared = list(trunk.parameters())
+    matrix = gram.jacobian_bytes(k, shared)
+    for linear in ("auto", "gradients"):
+        def run(linear=linear):
+            z = trunk(x)
+            gram.gram_matrix([h(z).pow(2).mean() for h in heads], shared, features=z, linear=linear)
+
+        run()
+        # gradients: at most one layer's k gradients (a quarter) at a time; activations: N x N
+        # products, no k x out x in tensor at all
+        assert peak_bytes(run, "cpu") < matrix / (2 if linear == "gradients" else 8), linear
+
+    def loop():
+        z = trunk(x)
+        jacobian.task_gradients([h(z).pow(2).mean() for h in heads], shared)
+
+    loop()
+    assert peak_bytes(loop, "cpu") >= matrix  # the probe does see a k x P matrix
