@@ -362,7 +362,7 @@ class Balancer:
             partial = [id(p) for p in subset] != [id(p) for p in shared]
             if partial and not buffered:
                 return self._subset_step(names, values, params, call, prev, scale, None, subset)
-            if not partial and self._use_gram(len(names), shared):
+            if not partial and self._use_gram(values, shared):
                 return self._gram_step(names, values, params, call, prev, scale, features)
             return self._exact_step(names, values, params, call, prev, scale, features,
                                     subset if partial else None)
@@ -638,18 +638,19 @@ class Balancer:
 
     # -- path 3b: engine="gram": the method's Gram matrix without the k x P task gradients
     #    (gradbalance.gram), then one ordinary backward of sum_i w_i L_i for shared params and heads
-    def _use_gram(self, k: int, shared: list[Tensor]) -> bool:
+    def _use_gram(self, values: list[Tensor], shared: list[Tensor]) -> bool:
         """Whether this step of a requires="gram" method on every shared parameter runs the Gram
-        engine: engine="gram", or engine="auto" when the k x P matrix would exceed
-        ``gram.AUTO_BUDGET_BYTES``. A second call in an accumulation="exact" window cannot be exact
-        without the first call's task gradients: warn once, use the loop from then on."""
+        engine: engine="gram", or engine="auto" by ``gram.prefer_gram`` (the k x P matrix over
+        ``gram.AUTO_BUDGET_BYTES`` and larger than the Gram engine's estimated working set). A
+        second call in an accumulation="exact" window cannot be exact without the first call's
+        task gradients: warn once, use the loop from then on."""
         method = self.method
         if self._gram_off or method.requires != "gram" or method.mode != "exact":
             return False
         if self.accumulation == "buffered" or self._use_loop:
             return False
         if self.engine == "auto":
-            if self.sync is not None or not gram_mod.prefer_gram(k, shared):
+            if self.sync is not None or not gram_mod.prefer_gram(len(values), shared, values):
                 return False
         elif self.engine != "gram":
             return False
@@ -666,9 +667,9 @@ class Balancer:
             warnings.warn(
                 "engine='gram' with accumulation='exact': a second backward call before step() needs "
                 "the cross terms between the calls' task gradients, which the Gram engine does not "
-                "keep. This window combines this call on its own (as accumulation='combine' would); "
-                "from the next step on the loop engine runs, exact. Pass accumulation='combine' to "
-                "keep the Gram engine with per-call combination.",
+                "keep. So this window is not exactly one big batch (its first call was combined on its "
+                "own); from the next step on the loop engine runs, exact. Pass accumulation='combine' "
+                "to keep the Gram engine with per-call combination.",
                 UserWarning, stacklevel=4,
             )
             return False
@@ -678,7 +679,14 @@ class Balancer:
         shared = self._shared
         assert shared is not None  # set by backward() before any exact path
         self._check_reach(names, values, shared)
-        result = gram_mod.gram_matrix(values, shared, features=features)
+        try:
+            result = gram_mod.gram_matrix(values, shared, features=features)
+        except RuntimeError as err:  # an op vmap cannot run (e.g. a custom Function leaving torch)
+            self._gram_off = True  # nothing was written and the graph is intact: take the loop
+            warnings.warn(f"engine='gram' could not batch the backward over the tasks ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:120]}); this and later steps use the loop engine",
+                          RuntimeWarning, stacklevel=4)
+            return self._exact_step(names, values, params, call, prev, scale, features)
         # GradScaler: M of the unscaled gradients (the losses were scaled by ``scale``)
         gram = self._checked_gram(result.gram if scale == 1.0 else result.gram / scale**2, names)
         losses = self._total(names, call, prev)

@@ -42,8 +42,11 @@ class GradBalance(torch.optim.Optimizer):
             extra computation), then kept; read it back from :attr:`shared_params`.
         engine: how per-task gradients are computed: ``"loop"`` (k ``autograd.grad`` calls),
             ``"batched"`` (one batched vector-Jacobian product, falling back to the loop with a
-            warning where PyTorch lacks a batching rule), or ``"auto"`` (default: batched on an
-            accelerator when ``features=`` is given, else the loop; see the engines guide).
+            warning where PyTorch lacks a batching rule), ``"gram"`` (methods with
+            ``requires="gram"``: their Gram matrix without the ``k x P`` task gradients, then one
+            weighted backward; see the Gram engine guide), or ``"auto"`` (default: batched on an
+            accelerator when ``features=`` is given, else the loop; the Gram engine for Gram
+            methods when the ``k x P`` matrix would exceed ``gradbalance.gram.AUTO_BUDGET_BYTES``).
         chunk_size: at most this many tasks per batched call; bounds the batched engine's extra
             memory at ``chunk_size x P``. ``None``: all tasks at once.
         task_weights: static task weights applied to the losses before the method (a sequence,
@@ -277,7 +280,7 @@ def backward(
             requires grad and that the losses reach.
         features: the shared representation ``z`` every head reads, as for
             :meth:`GradBalance.backward`.
-        engine: ``"auto"``, ``"loop"`` or ``"batched"``, as for :class:`GradBalance`.
+        engine: ``"auto"``, ``"loop"``, ``"batched"`` or ``"gram"``, as for :class:`GradBalance`.
         chunk_size: tasks per batched call, as for :class:`GradBalance`.
         distributed: as for :class:`GradBalance` (every call checks that the ranks agree, as
             the wrapper's first step does; the wrapper is cheaper in multi-process training).
