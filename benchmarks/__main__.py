@@ -18,7 +18,8 @@ BENCHMARKS = {
     "overhead": ("benchmarks.overhead", "per-step time and memory of each method/engine against a plain step"),
     "gram": ("benchmarks.gram", "engine='gram' (no k x P matrix) vs loop, batched and torchjd autogram"),
     "solvers": ("benchmarks.solvers", "min-norm solvers: time per solve and distance to the cvxpy optimum"),
-    "sharing": ("benchmarks.sharing", "hard vs soft sharing vs cross-stitch vs MMoE on two-digit images"),
+    "mgda_official": ("benchmarks.mgda_official", "MGDA: the official min-norm solver's objective gap to the exact QP"),
+    "sharing": ("benchmarks.sharing", "hard/soft, cross-stitch, MMoE, PLE, DSelect-k, MTAN on two-digit images"),
     "gpu": ("benchmarks.gpu", "the GPU check in one call: CUDA tests, engine overhead on ResNet-18 and a ViT"),
     "ddp": ("benchmarks.ddp_multidigits", "MultiDigits under DDP (launches 2 CPU processes with torchrun)"),
 }

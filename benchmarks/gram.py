@@ -41,6 +41,14 @@ from benchmarks.common import RESULTS, environment, markdown_table, write_result
 from benchmarks.overhead import Config, Setup
 from gradbalance.methods.base import make_method
 
+_DESCRIPTION = (
+    "Configurations: a plain `sum(losses).backward()` step; `GradBalance(method, engine=...)` with "
+    "`loop`, `batched` and `gram` (`features=z` passed to each); torchjd's autogram "
+    "(`Engine(trunk, batch_dim=None).compute_gramian(stack(losses))`, torchjd's weighting of the same "
+    "method, then `stack(losses).backward(weights)`), on a copy of the model with the same weights. "
+    "Peak memory: `torch.cuda.max_memory_allocated` above the start of the step on CUDA, the "
+    "replayed allocations of the PyTorch profiler on CPU (`benchmarks.overhead.peak_bytes`)."
+)
 FULL_KS = (2, 10, 40)
 QUICK_KS = (2, 4)
 ENGINES = ("loop", "batched", "gram")
@@ -189,7 +197,7 @@ def report(rows: list[dict], descriptions: dict[str, str], command: str, method:
            f"`{command}` on {environment()}; {overhead._torchjd_version()}.", "",
            "Cells: median step time / the plain step's, and in brackets peak memory / the plain step's "
            "(same model, same run, timed round-robin). A step is forward + balancing + `SGD.step()`. "
-           + " ".join((__doc__ or "").split("\n\n")[1].split()), ""]
+           + _DESCRIPTION, ""]
     labels = ["plain step", *[f"{method} ({e})" for e in ENGINES], f"{method} (torchjd autogram)"]
     for model in dict.fromkeys(r["model"] for r in rows):
         mrows = [r for r in rows if r["model"] == model]
@@ -209,19 +217,24 @@ def report(rows: list[dict], descriptions: dict[str, str], command: str, method:
                     cells.append("-" if r is None else "skipped")
                     continue
                 cells.append(f"{r['ratio']:.2f}" + (f" ({r['mem_ratio']:.1f})" if "mem_ratio" in r else ""))
-            table.append([label, *cells])
+            found = [_find(rows, model, k, label) for k in ks]
+            ran = sorted({r["ran"].split(" (")[0] + (" after a fallback" if "fallback" in r["ran"] else "")
+                          for r in found if r and r["ran"]})
+            table.append([label, *cells, ", ".join(ran) or "-"])
         gram_label = f"{method} (gram)"
         for other in ("loop", "batched", "torchjd autogram"):
             cells = []
             for k in ks:
                 a, b = _find(rows, model, k, gram_label), _find(rows, model, k, f"{method} ({other})")
                 cells.append(f"**{_ratio(a, b, 'ms')}** ({_ratio(a, b, 'mem_mb')})")
-            table.append([f"gram / {other}", *cells])
+            table.append([f"gram / {other}", *cells, ""])
         agreement = [f"{_find(rows, model, k, 'plain step')['agreement']:.1e}" for k in ks]
-        table.append(["gram vs loop: rel. max diff of .grad", *agreement])
+        table.append(["gram vs loop: rel. max diff of .grad", *agreement, ""])
         out += ["Time x plain (memory x plain); ratios of the gram engine to the others in bold "
-                "(time) and brackets (memory): < 1 means gram is faster / smaller.", "",
-                markdown_table(["", *[f"k={k}" for k in ks]], table)]
+                "(time) and brackets (memory): < 1 means gram is faster / smaller. 'ran' is "
+                "`StepInfo.engine` (the batched engine falls back to the loop where PyTorch's legacy "
+                "vmap has no batching rule, e.g. for convolution and batch norm).", "",
+                markdown_table(["", *[f"k={k}" for k in ks], "ran"], table)]
         skipped = [r for r in mrows if r["status"] != "ok"]
         if skipped:
             out += ["Skipped:", ""] + [f"- {r['label']}, k={r['k']}: {r['status']}" for r in skipped] + [""]

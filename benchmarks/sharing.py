@@ -1,13 +1,15 @@
-"""How tasks share a network: hard sharing vs soft sharing vs cross-stitch vs MMoE.
+"""How tasks share a network: hard/soft sharing, cross-stitch, MMoE, PLE, DSelect-k, MTAN.
 
-Trains the four ``gradbalance.nn`` architectures on a two-digit task built from scikit-learn's
+Trains the ``gradbalance.nn`` architectures on a two-digit task built from scikit-learn's
 8x8 digits (an image is two digits side by side; task "left" classifies the left digit, task
 "right" the right one: a small stand-in for MultiDigits), each with equal weights ("mean") and,
 when registered, MGDA ("mgda"), with the same seeds, and writes test accuracy per task and the
 step time to ``benchmarks/results/sharing.md``.
 
-    python -m benchmarks.sharing            # 3 seeds, 15 epochs (a few minutes on 1 CPU core)
-    python -m benchmarks.sharing --quick    # 1 seed, 3 epochs, fewer samples (seconds)
+    python -m benchmarks.sharing            # 3 seeds, 15 epochs (46 min on a busy 2-core machine;
+                                            # the conv rows hard_conv and mtan take most of it)
+    python -m benchmarks.sharing --quick    # 1 seed, 3 epochs, fewer samples (about a minute)
+    python -m benchmarks.sharing --archs hard mtan   # a subset, still side by side in one run
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import torch
 from torch import nn
 
 import gradbalance as gb
-from gradbalance.nn import CrossStitch, HardSharing, MMoE, SoftSharing
+from gradbalance.nn import MTAN, PLE, CrossStitch, DSelectK, HardSharing, MMoE, SoftSharing
 
 TASKS = ("left", "right")
-ARCHS = ("hard", "soft", "cross_stitch", "mmoe")
+# hard_conv: hard sharing on MTAN's convolutional backbone (the baseline MTAN adds attention to)
+ARCHS = ("hard", "soft", "cross_stitch", "mmoe", "ple", "dselect_k", "hard_conv", "mtan")
 SOFT_WEIGHT = 1e-3  # l2 soft-sharing penalty (pairwise form)
 STITCH_LR_MULT = 10.0  # the paper's 10^3 is for SGD; Adam's steps do not scale with the gradient
+DSELECT_K, DSELECT_ENTROPY = 2, 1e-2  # selectors per gate; weight of the entropy regulariser
 
 
 def two_digit_data(n_train: int, n_test: int, seed: int = 0):
@@ -77,7 +81,33 @@ def build(arch: str, width: int = 64) -> nn.Module:
         experts = [nn.Sequential(*_mlp(d, width // 2, width // 2), nn.ReLU()) for _ in range(4)]
         towers = {t: nn.Sequential(*_mlp(width // 2, width // 2, 10)) for t in TASKS}
         return MMoE(experts, towers, in_features=d)
+    if arch == "ple":
+        # 2 levels of one layer each (MMoE's experts have two): 2 shared + 1 own expert per task
+        h = width // 2
+        def level(d_in):
+            return nn.Sequential(nn.Linear(d_in, h), nn.ReLU())
+        return PLE([[level(d), level(d)], [level(h), level(h)]],
+                   [{t: [level(d)] for t in TASKS}, {t: [level(h)] for t in TASKS}],
+                   {t: nn.Sequential(*_mlp(h, h, 10)) for t in TASKS}, in_features=d)
+    if arch == "dselect_k":
+        experts = [nn.Sequential(*_mlp(d, width // 2, width // 2), nn.ReLU()) for _ in range(4)]
+        towers = {t: nn.Sequential(*_mlp(width // 2, width // 2, 10)) for t in TASKS}
+        return DSelectK(experts, towers, k=DSELECT_K, in_features=d)
+    if arch in ("hard_conv", "mtan"):
+        stages = _conv_stages()
+        heads = {t: nn.Sequential(nn.Flatten(), nn.Linear(32 * 4 * 8, 10)) for t in TASKS}
+        if arch == "hard_conv":
+            return HardSharing(nn.Sequential(*stages), heads)
+        return MTAN(stages, heads, example_input=torch.zeros(1, d))
     raise ValueError(f"unknown architecture {arch!r}")
+
+
+def _conv_stages() -> list[nn.Module]:
+    """Two conv stages on the 8x16 image: 16 channels at 8x16, 32 at 4x8 (stride 2)."""
+    def conv(a, b, stride=1):
+        return nn.Sequential(nn.Conv2d(a, b, 3, stride, 1), nn.BatchNorm2d(b), nn.ReLU())
+    return [nn.Sequential(nn.Unflatten(1, (1, 8, 16)), conv(1, 16), conv(16, 16)),
+            nn.Sequential(conv(16, 32, 2), conv(32, 32))]
 
 
 def _setup(arch: str, method: str, seed: int, lr: float = 1e-3):
@@ -93,6 +123,8 @@ def _step(arch: str, model, opt, x, y) -> None:
     opt.backward({t: nn.functional.cross_entropy(out[t], y[:, i]) for i, t in enumerate(TASKS)})
     if arch == "soft":
         model.penalty("l2", weight=SOFT_WEIGHT).backward()
+    if arch == "dselect_k":
+        model.regularization(x, entropy_weight=DSELECT_ENTROPY).backward()
     opt.step()
 
 
@@ -106,6 +138,7 @@ def run(arch: str, method: str, seed: int, data, epochs: int, batch: int = 64):
         for s in range(0, len(order), batch):
             idx = order[s : s + batch]
             _step(arch, model, opt, x_tr[idx], y_tr[idx])
+    model.eval()  # batch norm (conv backbones): running statistics
     with torch.no_grad():
         out = model(x_te)
         acc = {t: float((out[t].argmax(-1) == y_te[:, i]).float().mean()) for i, t in enumerate(TASKS)}
@@ -140,6 +173,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--train", type=int, default=None, help="training pairs")
     ap.add_argument("--methods", nargs="+", default=["mean", "mgda"])
+    ap.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS, help="architectures (default all)")
     ap.add_argument("--rounds", type=int, default=None, help="timed steps per configuration")
     ap.add_argument("--out", type=Path, default=None,
                     help="markdown result (default results/sharing.md; --quick: results/sharing-quick.md)")
@@ -155,7 +189,8 @@ def main(argv: list[str] | None = None) -> str:
     missing = [m for m in args.methods if m not in methods]
 
     results, refused = {}, []
-    for arch in ARCHS:
+    archs = [a for a in ARCHS if a in args.archs]
+    for arch in archs:
         for method in methods:
             try:
                 runs = [run(arch, method, seed, data, epochs) for seed in range(seeds)]
@@ -168,7 +203,7 @@ def main(argv: list[str] | None = None) -> str:
             print(arch, method, [{t: round(100 * r[0][t], 1) for t in TASKS} for r in runs], flush=True)
     timing = step_times(list(results), data, rounds=args.rounds)
     rows = []
-    for arch in ARCHS:
+    for arch in archs:
         for method in methods:
             if (arch, method) in refused:
                 rows.append(f"| {arch} | {method} | n/a | n/a | n/a | n/a: nothing is shared |")
@@ -189,7 +224,11 @@ def main(argv: list[str] | None = None) -> str:
         f"Step time: median CPU time (`time.process_time`) of {args.rounds} whole steps (forward, "
         "`opt.backward`, penalty, `opt.step`) on one 64-pair batch, configurations timed "
         f"round-robin, 1 torch thread, torch {torch.__version__}. Soft sharing: l2 penalty weight {SOFT_WEIGHT}. "
-        f"Cross-stitch: stitch learning rate x{STITCH_LR_MULT:g}. MMoE: 4 experts.",
+        f"Cross-stitch: stitch learning rate x{STITCH_LR_MULT:g}. MMoE: 4 experts. PLE: 2 levels of one "
+        "layer, 2 shared + 1 own expert per task at each. DSelect-k: MMoE's 4 experts, per-example gates, "
+        f"k = {DSELECT_K}, gamma 1, entropy weight {DSELECT_ENTROPY:g}. hard_conv / mtan: the same 2-stage conv "
+        "backbone (16 channels at 8x16, 32 at 4x8, batch norm), one linear head per task on the flattened "
+        "features; mtan adds a per-task attention module at each stage (test accuracy in eval mode).",
         "",
         "| architecture | method | left acc. | right acc. | step CPU ms | parameters |",
         "|---|---|---|---|---|---|",

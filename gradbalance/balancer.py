@@ -303,7 +303,7 @@ class Balancer:
         ctx.engine = self._pick_engine(ctx.features, shared)
         if method.mode == "representation" and not buffered:
             return representation_step
-        subset = shared if method.mode == "representation" else method.shared_subset(shared)
+        subset = shared if method.mode == "representation" else method.choose_subset(shared, ctx.values)
         partial = [id(p) for p in subset] != [id(p) for p in shared]
         if partial and not buffered:
             return lambda c: subset_step(c, subset)
@@ -348,7 +348,7 @@ class Balancer:
             return False
         assert ctx.shared is not None
         if engine == "auto":
-            if ctx.reducer.distributed or not gram_mod.prefer_gram(len(ctx.names), ctx.shared):
+            if ctx.reducer.distributed or not gram_mod.prefer_gram(len(ctx.names), ctx.shared, ctx.values):
                 return False
         elif engine != "gram":
             return False
@@ -383,11 +383,15 @@ class Balancer:
             warnings.warn(
                 "engine='gram' with accumulation='exact': a second backward call before step() needs "
                 "the cross terms between the calls' task gradients, which the Gram engine does not "
-                "keep. This window combines this call on its own (as accumulation='combine' would); "
-                "from the next step on the loop engine runs, exact. Pass accumulation='combine' to "
-                "keep the Gram engine with per-call combination.",
+                "keep. So this window is not exactly one big batch (its first call was combined on its "
+                "own); from the next step on the loop engine runs, exact. Pass accumulation='combine' "
+                "to keep the Gram engine with per-call combination.",
                 UserWarning, stacklevel=4,
             )
+        if result.gram_failed and not self._gram_off:
+            self._gram_off = True  # this call took the loop (nothing was written before it)
+            warnings.warn(f"engine='gram' could not batch the backward over the tasks ({result.gram_failed}); "
+                          "this and later steps use the loop engine", RuntimeWarning, stacklevel=4)
         if result.weights_changed and self.options.keeps_window:
             self._warn_once("inexact", weights_changed_warning, type(self.method).__name__)
         if ctx.lonely_shared:

@@ -14,8 +14,9 @@ already built):
 
 * the ``k`` cotangents (``eye(k)`` over the stacked losses, or the ``k`` gradients ``dL_i/dz`` of
   the shared representation ``z`` when ``features=`` is given) are pushed through the graph by one
-  ``torch.func.vmap`` of :func:`torch.autograd.grad` (the batched vector-Jacobian product of
-  :mod:`gradbalance.jacobian`'s notes, run on the existing graph);
+  ``torch.func.vmap`` of :func:`torch.autograd.grad` on the existing graph (no second forward).
+  The ``dL_i/dz`` are handed to autograd by a scalar node above ``z`` that keeps no reference to
+  them, so they are freed after the trunk's first node has used them;
 * **gradient blocks**: a hook on every shared parameter receives that parameter's ``k``
   gradients (autograd has already summed the contributions of every use of the parameter, so
   weight tying is exact), adds ``g g^T`` to ``M`` and hands autograd a zero-strided tensor instead:
@@ -26,9 +27,11 @@ already built):
   for the backward anyway) ``<dY_i^T X, dY_j^T X> = <dY_i, (X X^T) dY_j>``: ``N x N`` products
   instead of ``out x in`` ones. :func:`linear_form` chooses per layer (rule in its docstring).
 
-The hooks see the whole batch of ``k`` tasks through a :class:`torch.autograd.Function` with a
-``vmap`` staticmethod (the public way to leave ``vmap`` for one operation); they are removed
-before :func:`gram_matrix` returns, also on error. The graph is kept (``retain_graph=True``) for
+The hooks see the whole batch of ``k`` tasks behind the batched tensors that ``vmap`` hands them,
+through functorch's accessors (``torch._C._functorch``, present since torch 2.0); where those are
+missing they go through a :class:`torch.autograd.Function` with a ``vmap`` staticmethod (the public
+way to leave ``vmap`` for one operation, as torchjd does; about ten times the per-hook overhead).
+They are removed before :func:`gram_matrix` returns, also on error. The graph is kept (``retain_graph=True``) for
 the weighted backward that follows.
 
 Everything stays on the parameters' device; ``M`` is accumulated in float64.
@@ -47,6 +50,7 @@ from torch import Tensor
 __all__ = [
     "AUTO_BUDGET_BYTES",
     "GramResult",
+    "batched_backward_bytes",
     "gram_matrix",
     "jacobian_bytes",
     "linear_form",
@@ -58,6 +62,19 @@ __all__ = [
 AUTO_BUDGET_BYTES = 1 << 30
 
 _FORMS = ("auto", "activations", "gradients")
+
+try:  # functorch's accessors (torch >= 2.0): a hook reads all k tasks behind a batched tensor
+    from torch._C._functorch import current_level as _current_level
+    from torch._C._functorch import get_unwrapped as _get_unwrapped
+    from torch._C._functorch import is_batchedtensor as _is_batched
+    from torch._C._functorch import maybe_get_bdim as _get_bdim
+    from torch._C._functorch import maybe_get_level as _get_level
+
+    #: read the batch directly (about 10x cheaper per hook than a custom Function's vmap rule,
+    #: which is the public route and the fallback where these accessors are missing)
+    _UNWRAP = True
+except ImportError:  # pragma: no cover - depends on the torch build
+    _UNWRAP = False
 
 
 @dataclass
@@ -83,15 +100,59 @@ def jacobian_bytes(k: int, shared: Sequence[Tensor]) -> int:
     return k * sum(p.numel() * p.element_size() for p in shared)
 
 
-def prefer_gram(k: int, shared: Sequence[Tensor], budget: int | None = None) -> bool:
-    """``engine="auto"``'s rule for ``requires="gram"`` methods: the Gram engine when the ``k x P``
-    matrix would exceed ``budget`` bytes (default :data:`AUTO_BUDGET_BYTES`, 1 GiB).
+def batched_backward_bytes(k: int, losses: Sequence[Tensor], shared: Sequence[Tensor]) -> int | None:
+    """Estimate of the Gram engine's working set: two ``k x`` buffers of the largest gradient that
+    flows into an inner node of the losses' graph (a layer's output and input gradients for all
+    ``k`` tasks are alive together while its backward runs), plus ``k x`` the largest shared
+    parameter whose block is taken from its gradients. ``None`` where the graph does not expose
+    its nodes' input shapes."""
+    nodes, incoming = _walk([loss.grad_fn for loss in losses])
+    shared_ids = {id(p) for p in shared}
+    largest = 0
+    for node in nodes:
+        if _leaf(node) is not None:
+            continue
+        leaves = [_leaf(c) for c, _ in node.next_functions if c is not None]
+        # a node on a parameter's side (its transpose, a view, a cast) carries that parameter's
+        # gradient, which the block term counts: skip inputs the size of a child parameter
+        sizes = {t.numel() for t in leaves if t is not None} if leaves and None not in leaves else set()
+        try:
+            metadata = node._input_metadata
+        except (AttributeError, RuntimeError):  # pragma: no cover - depends on the torch build
+            return None
+        for m in metadata:
+            if math.prod(m.shape) in sizes:
+                continue
+            largest = max(largest, math.prod(m.shape) * torch.empty((), dtype=m.dtype).element_size())
+    by_activation = {id(c[1]) for c in _linear_candidates(nodes, incoming, shared_ids)
+                     if linear_form(c[3].shape[0], c[3].shape[1], c[1].shape[0], k) == "activations"}
+    in_graph = {id(_leaf(n)) for n in nodes if _leaf(n) is not None}
+    block = max((p.numel() * p.element_size() for p in shared
+                 if id(p) in in_graph and id(p) not in by_activation), default=0)
+    return 2 * k * largest + k * block
 
-    Below the budget the loop (or batched) engine stays the default: on CPU the loop measured as
-    fast as the Gram engine at small k (``python -m benchmarks gram``), and it supports every
-    accumulation mode and distributed training.
+
+def prefer_gram(k: int, shared: Sequence[Tensor], losses: Sequence[Tensor] | None = None,
+                budget: int | None = None) -> bool:
+    """``engine="auto"``'s rule for ``requires="gram"`` methods.
+
+    The Gram engine when the ``k x P`` matrix of the loop engine would exceed ``budget`` bytes
+    (default :data:`AUTO_BUDGET_BYTES`, 1 GiB) AND, given the ``losses``, the Gram engine's own
+    working set (:func:`batched_backward_bytes`) is smaller than that matrix. The second test
+    keeps the loop for networks whose activations outweigh their parameters (convolutional
+    trunks on large images and batches: there ``k`` copies of an activation cost more than ``k``
+    copies of the parameters, as the ``conv`` rows of ``python -m benchmarks gram`` show).
+
+    Below the budget the loop (or batched) engine stays the default: it supports every
+    accumulation mode and distributed training, and at small ``k`` it measured faster.
     """
-    return jacobian_bytes(k, shared) > (AUTO_BUDGET_BYTES if budget is None else budget)
+    matrix = jacobian_bytes(k, shared)
+    if matrix <= (AUTO_BUDGET_BYTES if budget is None else budget):
+        return False
+    if losses is None:
+        return True
+    estimate = batched_backward_bytes(k, losses, shared)
+    return estimate is None or estimate < matrix
 
 
 def linear_form(rows: int, fan_in: int, fan_out: int, k: int) -> str:
@@ -207,16 +268,31 @@ class _ActivationTap(torch.autograd.Function):
         return dy.new_zeros(()), None
 
 
+def _all_tasks(t: Tensor, k: int) -> Tensor:
+    """The ``(k, *shape)`` tensor behind ``t`` inside the engine's ``vmap`` (``t`` batched at the
+    current level; an unbatched ``t`` is the same for every task)."""
+    if _is_batched(t) and _get_level(t) == _current_level():
+        return _get_unwrapped(t).movedim(_get_bdim(t), 0)
+    return t.unsqueeze(0).expand(k, *t.shape)
+
+
 def _gradient_hook(acc: _Accumulator, key: int) -> Any:
     def hook(g: Tensor) -> Tensor:
-        return _GradientTap.apply(g, acc, key)
+        if not _UNWRAP:
+            return _GradientTap.apply(g, acc, key)
+        _add_gradient_block(acc, key, _all_tasks(g, acc.k))
+        # a zero-strided zero in place of the k gradients: autograd returns nothing of size k x P
+        return torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape)
 
     return hook
 
 
 def _activation_hook(acc: _Accumulator, key: int, x: Tensor) -> Any:
     def prehook(grad_outputs: tuple[Tensor, ...]) -> None:
-        _ActivationTap.apply(grad_outputs[0], x, acc, key)
+        if not _UNWRAP:
+            _ActivationTap.apply(grad_outputs[0], x, acc, key)
+        else:
+            _add_activation_block(acc, key, _all_tasks(grad_outputs[0], acc.k), x)
 
     return prehook
 
@@ -235,38 +311,22 @@ class _Holder:
         return tensor
 
 
-class _Release(torch.autograd.Function):
-    """Under ``vmap``: hands over the ``(k, ...)`` cotangents as the batched gradient, keeping no
-    reference, so autograd frees them once the first node has used them (else they would stay
-    alive through the whole backward: one more ``k x`` activation-sized buffer at the peak)."""
-
-    @staticmethod
-    def forward(g: Tensor, holder: _Holder) -> Tensor:  # type: ignore[override]
-        raise RuntimeError("gram engine: _Release runs only under vmap")
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        pass
-
-    @staticmethod
-    def vmap(info: Any, in_dims: Any, g: Tensor, holder: _Holder) -> Any:
-        return holder.take(), 0
-
-
 class _Source(torch.autograd.Function):
-    """A scalar node above ``z`` whose backward yields the held cotangents as ``z``'s gradient."""
+    """A scalar node above ``z`` whose backward hands autograd the held cotangents as ``z``'s
+    gradient and keeps no reference to them, so they are freed once the first node of the trunk
+    has used them (held through the whole backward they would add one more ``k x`` activation-
+    sized buffer at the peak). The batched cotangent of the node is the task index ``i``; its
+    backward selects row ``i`` of the buffer (one copy, made while nothing else is alive)."""
 
     @staticmethod
-    def forward(z: Tensor, holder: _Holder) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, z: Tensor, holder: _Holder) -> Tensor:  # type: ignore[override]
+        ctx.holder = holder
         return z.new_zeros(())
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        ctx.holder = inputs[1]
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> Any:  # type: ignore[override]
-        return _Release.apply(g, ctx.holder), None
+    def backward(ctx: Any, index: Tensor) -> Any:  # type: ignore[override]
+        buffer = ctx.holder.take()
+        return buffer.index_select(0, index.reshape(1).long()).squeeze(0), None
 
 
 # --------------------------------------------------------------------------- the graph
@@ -410,7 +470,7 @@ def gram_matrix(
             del g
         # the batched backward starts at a scalar node above z that hands autograd the buffer
         root = _Source.apply(features, _Holder(cotangents))
-        cotangents = torch.ones(k, dtype=features.dtype, device=features.device)
+        cotangents = torch.arange(k, dtype=features.dtype, device=features.device)
         route = "features"
     else:
         root = torch.stack([v.reshape(()) for v in losses])

@@ -45,8 +45,11 @@ class GradBalance(torch.optim.Optimizer):
             extra computation), then kept; read it back from :attr:`shared_params`.
         engine: how per-task gradients are computed: ``"loop"`` (k ``autograd.grad`` calls),
             ``"batched"`` (one batched vector-Jacobian product, falling back to the loop with a
-            warning where PyTorch lacks a batching rule), or ``"auto"`` (default: batched on an
-            accelerator when ``features=`` is given, else the loop; see the engines guide).
+            warning where PyTorch lacks a batching rule), ``"gram"`` (methods with
+            ``requires="gram"``: their Gram matrix without the ``k x P`` task gradients, then one
+            weighted backward; see the Gram engine guide), or ``"auto"`` (default: batched on an
+            accelerator when ``features=`` is given, else the loop; the Gram engine for Gram
+            methods when the ``k x P`` matrix would exceed ``gradbalance.gram.AUTO_BUDGET_BYTES``).
         chunk_size: at most this many tasks per batched call; bounds the batched engine's extra
             memory at ``chunk_size x P``. ``None``: all tasks at once.
         task_weights: static task weights applied to the losses before the method: a sequence
@@ -354,7 +357,8 @@ def backward(
         step: the optimizer step this call belongs to (e.g. after resuming from a checkpoint);
             ``None``: the method object's own count (0 at its first call). Later calls go on
             from ``step + 1``.
-        engine: as for :class:`GradBalance` (a field of :class:`~gradbalance.Options`).
+        engine: ``"auto"``, ``"loop"``, ``"batched"`` or ``"gram"``, as for :class:`GradBalance` (a
+            field of :class:`~gradbalance.Options`).
         chunk_size: as for :class:`GradBalance`.
         task_weights: as for :class:`GradBalance`.
         distributed: as for :class:`GradBalance` (every call checks that the ranks agree, as the

@@ -72,6 +72,11 @@ def test_bad_hyperparameters(kwargs):
         DualProj(**kwargs)
 
 
+def test_reg_must_be_a_number():
+    with pytest.raises(TypeError, match="reg must be a number"):
+        DualProj(reg=True)
+
+
 def test_registry_and_different_from_upgrad():
     grads = random_gradients(4, seed=0)
     w = DualProj().aggregate(inputs_for(grads)).weights

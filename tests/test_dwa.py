@@ -92,6 +92,9 @@ def test_epoch_end_without_steps_warns():
 def test_errors():
     with pytest.raises(ValueError, match="temperature"):
         DWA(temperature=0)
+    for wrong in (True, "1"):  # booleans and strings are not numbers
+        with pytest.raises(TypeError, match="temperature must be a number"):
+            DWA(temperature=wrong)
     with pytest.raises(ValueError, match="window"):
         DWA(window="batch")
     m = DWA(window="step")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +16,7 @@ def _weights(g, alpha=1.0):
     agg = FairGrad(alpha).aggregate(
         TaskInputs(losses=torch.ones(g.shape[0], dtype=torch.float64), gram=g @ g.T)
     )
-    return agg.weights, agg
+    return agg.extras["solution"], agg
 
 
 def _grads(k, seed, p=20):
@@ -72,16 +73,104 @@ def test_orthogonal_closed_form_and_zero_gradient_task():
 
 
 def test_validation_and_repr():
-    for bad in (0.0, -1.0, float("inf"), "1", True):
-        with pytest.raises(ValueError, match="alpha"):
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
             FairGrad(bad)
-    assert repr(FairGrad(2)) == "FairGrad(alpha=2.0)"
+    for bad in ("1", True):
+        with pytest.raises(TypeError, match="alpha must be a number"):
+            FairGrad(bad)
+    with pytest.raises(ValueError, match="wiring must be one of"):
+        FairGrad(wiring="paper")
+    with pytest.raises(ValueError, match="max_norm"):
+        FairGrad(max_norm=-1.0)
+    assert repr(FairGrad(2)) == "FairGrad(alpha=2.0, max_norm=1.0, wiring='official')"
 
 
-def test_end_to_end_step_heads_get_the_weights():
+def test_end_to_end_step_heads_get_their_plain_gradients():
     agg, info = check_one_step("fairgrad")
-    assert agg.head_weights is None  # heads get w_i, as sum_i w_i L_i backpropagated
+    torch.testing.assert_close(agg.head_weights, torch.ones_like(agg.weights))
     torch.testing.assert_close(info.weights, agg.weights)
+    agg, info = check_one_step(FairGrad(wiring="libmtl", max_norm=None))
+    torch.testing.assert_close(agg.head_weights, agg.extras["solution"])
+
+
+# ------------------------------------------------------- the official wiring, against a port
+def _official_fairgrad_step(model, heads, losses_fn, alpha, max_norm):
+    """A port of OptMN-Lab/fairgrad methods/weight_methods.py, class FairGrad: each loss
+    backpropagated on its own, the shared gradients collected and cleared (lines 797-805), the
+    weights by least_squares from 1/k with bounds (0, inf) (lines 814-821), the shared gradient
+    overwritten with k * sum_i w_i g_i (overwrite_grad, lines 845-855), then
+    clip_grad_norm_(shared, max_norm) (backward, lines 870-871)."""
+    from scipy.optimize import least_squares
+
+    shared = list(model.parameters())
+    losses = losses_fn()
+    k = len(losses)
+    rows = []
+    for i in range(k):
+        losses[i].backward(retain_graph=i < k - 1)
+        rows.append(torch.cat([p.grad.reshape(-1) for p in shared]))
+        for p in shared:
+            p.grad = None
+    grads = torch.stack(rows, 1)  # (P, k), as grad2vec fills it
+    a = (grads.t() @ grads).numpy()
+    res = least_squares(lambda x: a @ x - np.power(1 / x, 1 / alpha), np.ones(k) / k, bounds=(0, np.inf),
+                        ftol=1e-15, xtol=1e-15, gtol=1e-15)
+    g = (grads * torch.from_numpy(res.x).view(1, -1)).sum(1) * k
+    offset = 0
+    for p in shared:
+        p.grad = g[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(shared, max_norm)
+    return res.x
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 1e-3, None])
+@pytest.mark.parametrize("k", [2, 3])
+def test_gradients_match_a_port_of_the_official_code(k, max_norm):
+    import gradbalance as gb
+
+    torch.manual_seed(k)
+    trunk = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh()).double()
+    heads = torch.nn.ModuleList(torch.nn.Linear(6, 1) for _ in range(k)).double()
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(12, 5, generator=gen, dtype=torch.float64)
+    y = torch.randn(12, k, generator=gen, dtype=torch.float64)
+
+    def losses_fn():
+        z = trunk(x)
+        return [((h(z).squeeze(-1) - y[:, i]) ** 2).mean() * (i + 1) for i, h in enumerate(heads)]
+
+    _official_fairgrad_step(trunk, heads, losses_fn, 2.0, max_norm or 0.0)
+    want = [p.grad.clone() for p in list(trunk.parameters()) + list(heads.parameters())]
+    for p in list(trunk.parameters()) + list(heads.parameters()):
+        p.grad = None
+    opt = gb.GradBalance(torch.optim.SGD(list(trunk.parameters()) + list(heads.parameters()), lr=0.1),
+                         FairGrad(alpha=2.0, max_norm=max_norm), shared_params=trunk)
+    info = opt.backward(losses_fn())
+    got = [p.grad for p in list(trunk.parameters()) + list(heads.parameters())]
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-12)
+    if max_norm == 1e-3:
+        assert info.extras["clip"] < 1.0  # the clip acted
+
+
+def test_libmtl_wiring_is_the_gradient_of_the_weighted_sum():
+    g = _grads(3, seed=3)
+    m = g @ g.T
+    agg = FairGrad(wiring="libmtl", max_norm=None).aggregate(
+        TaskInputs(losses=torch.ones(3, dtype=torch.float64), gram=m))
+    official = FairGrad(max_norm=None).aggregate(TaskInputs(losses=torch.ones(3, dtype=torch.float64), gram=m))
+    torch.testing.assert_close(agg.weights, agg.extras["solution"], rtol=0, atol=0)
+    assert agg.head_weights is not None
+    torch.testing.assert_close(agg.head_weights, agg.extras["solution"], rtol=0, atol=0)
+    torch.testing.assert_close(official.weights, 3 * agg.weights, rtol=1e-15, atol=0)
+    clipped = FairGrad(wiring="libmtl", max_norm=1e-3).aggregate(
+        TaskInputs(losses=torch.ones(3, dtype=torch.float64), gram=m))
+    w = clipped.weights
+    assert float(w @ m @ w) ** 0.5 == pytest.approx(1e-3, rel=1e-5)
+    torch.testing.assert_close(clipped.head_weights, agg.extras["solution"], rtol=0, atol=0)  # heads unclipped
 
 
 # ---------------------------------------------------------------- two tasks: the scalar solve
@@ -147,7 +236,7 @@ def test_two_tasks_scale_law_and_order(alpha):
     for s, rtol in ((2.0**-20, 1e-13), (8.0, 1e-13), (2.0**30, 1e-13), (7.3, 1e-9)):
         # M -> s M; a power of 2 is exact, 7.3 rounds M (1 + cos moves by ~eps / 1e-6)
         agg = FairGrad(alpha).aggregate(TaskInputs(losses=torch.ones(2, dtype=torch.float64), gram=s * m))
-        torch.testing.assert_close(agg.weights, w * s ** (-alpha / (1 + alpha)), rtol=rtol, atol=0)
+        torch.testing.assert_close(agg.extras["solution"], w * s ** (-alpha / (1 + alpha)), rtol=rtol, atol=0)
     w_swapped, _ = _weights(g.flip(0), alpha)
     torch.testing.assert_close(w_swapped, w.flip(0), rtol=0, atol=0)
 
@@ -164,7 +253,8 @@ def test_two_opposed_gradients_raise_first_then_reuse_the_previous_weights():
     with pytest.warns(RuntimeWarning, match="Pareto-stationary"):
         agg = method.aggregate(inputs)
     # rescaled by the scale law: s = max diag of M (5 before, 20 now)
-    torch.testing.assert_close(agg.weights, first.weights * 4.0 ** (-2.0 / 3.0), rtol=1e-14, atol=0)
+    torch.testing.assert_close(agg.extras["solution"], first.extras["solution"] * 4.0 ** (-2.0 / 3.0),
+                               rtol=1e-14, atol=0)
     assert agg.extras["solver_failures"] == 1
     method.commit(agg.pending)
     assert method.failures == 1 and method.state_dict()["failures"] == 1

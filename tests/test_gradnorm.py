@@ -9,6 +9,7 @@ import torch
 
 import gradbalance as gb
 from gradbalance.methods import GradNorm, TaskInputs
+from gradbalance.methods.gradnorm import last_shared_layer
 from tests.classics_helpers import assert_resume_bit_identical
 from tests.helpers import MultiTaskNet, make_batch, task_losses
 
@@ -110,8 +111,15 @@ def test_first_step_sets_L0_and_rates_are_relative_to_it():
 def test_errors():
     with pytest.raises(ValueError, match="alpha"):
         GradNorm(alpha=-1)
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ValueError, match="lr must be positive, got 0"):
         GradNorm(lr=0)
+    with pytest.raises(ValueError, match="alpha must be >= 0.0, got -1"):
+        GradNorm(alpha=-1)
+    for bad in (True, "0.1", None):
+        with pytest.raises(TypeError, match="lr must be a number"):
+            GradNorm(lr=bad)
+    with pytest.raises(ValueError, match="lr must be finite"):
+        GradNorm(lr=float("nan"))
     with pytest.raises(ValueError, match="optimizer"):
         GradNorm(optimizer="lbfgs")
     with pytest.raises(TypeError, match="layer"):
@@ -222,3 +230,78 @@ def test_missing_tasks_through_the_optimizer():
     state = opt.method.state_dict()
     assert state["tasks"] == ["a", "b", "c"] and state["t"].tolist() == [4, 2, 4]
     assert float(state["w"].sum()) == pytest.approx(3.0, abs=1e-12)
+
+
+def test_sgd_step_is_exactly_w_minus_lr_times_the_gradient():
+    """One SGD step from w = 1: n = (1, 4), equal rates: G = (1, 4), target 2.5, so
+    dL_grad/dw = sign(G - target) n = (-1, 4); w - lr * grad, then renormalised to sum 2."""
+    m = GradNorm(lr=0.025, optimizer="sgd")
+    step(m, [1.0, 1.0], [1.0, 4.0])
+    raw = torch.tensor([1.0 + 0.025, 1.0 - 0.1], dtype=D)
+    torch.testing.assert_close(m.weights, raw * 2 / raw.sum(), rtol=1e-15, atol=0)
+
+
+# ------------------------------------------ the default layer: the last shared layer, from the graph
+class _Block(torch.nn.Module):
+    """A ResNet basic block with a projection shortcut (registered after the main path)."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(c_out)
+        self.conv2 = torch.nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(c_out)
+        self.shortcut = torch.nn.Sequential(torch.nn.Conv2d(c_in, c_out, 1, bias=False), torch.nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+def _index(params, tensor):
+    return next(i for i, p in enumerate(params) if p is tensor)
+
+
+def _resnet_trunk():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               _Block(4, 8), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+
+def test_default_layer_on_a_resnet_trunk_is_the_last_main_path_conv():
+    trunk = _resnet_trunk()
+    heads = torch.nn.ModuleList(torch.nn.Linear(8, 1) for _ in range(2))
+    shared = list(trunk.parameters())
+    block = trunk[3]
+    # the old rule (the last registered tensor with 2+ dims) is the 1x1 shortcut conv
+    assert max(i for i, p in enumerate(shared) if p.dim() >= 2) == _index(shared, block.shortcut[0].weight)
+    x = torch.randn(4, 3, 6, 6)
+    z = trunk(x)
+    losses = [h(z).pow(2).mean() for h in heads]
+    m = GradNorm()
+    assert m.choose_subset(shared, losses)[0] is block.conv2.weight
+    assert m.layer_used == f"shared[{_index(shared, block.conv2.weight)}] (8, 8, 3, 3)"
+    opt = gb.GradBalance(torch.optim.SGD(list(trunk.parameters()) + list(heads.parameters()), lr=0.01),
+                         GradNorm(), shared_params=trunk)
+    z = trunk(x)
+    info = opt.backward([h(z).pow(2).mean() for h in heads])
+    assert info.extras["layer"] == m.layer_used
+
+
+def test_default_layer_shared_tensor_used_after_the_features_and_tied_weights():
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(10, 6)
+    mix = torch.nn.Linear(6, 6)
+    scale = torch.nn.Parameter(torch.ones(6))  # a shared 1-D tensor used after the features
+    tokens = torch.randint(0, 10, (5, 3))
+    z = mix(emb(tokens)).mean(1) * scale
+    logits = z @ emb.weight.T  # the output layer is tied to the embedding (weight tying)
+    losses = [logits[:, :5].logsumexp(1).mean(), z.pow(2).mean()]
+    shared = [emb.weight, mix.weight, mix.bias, scale]
+    # the tied embedding is the shared matrix nearest the first loss: the last shared layer
+    assert last_shared_layer(losses, shared) == 0
+    # without the tying, the nearest 2-D shared tensor is mix.weight (the 1-D scale is skipped)
+    z = mix(emb(tokens)).mean(1) * scale
+    assert last_shared_layer([z.sum(), z.pow(2).sum()], shared) == 1
+    assert last_shared_layer([z.sum()], [scale]) == 0  # no 2-D tensor: the nearest of any
+    assert last_shared_layer([torch.ones(1, requires_grad=True).sum()], shared) is None

@@ -129,6 +129,20 @@ def test_both_linear_forms_give_the_same_gram_in_float64(arch):
     torch.testing.assert_close(by_act.gram, loop_gram(losses, shared), rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("arch", ["mlp", "tied"])
+def test_public_vmap_route_gives_the_same_gram(arch, monkeypatch):
+    # without functorch's accessors the hooks leave vmap through custom Functions' vmap rules
+    trunk, _, make = build(arch, dtype=torch.float64)
+    shared = list(trunk.parameters())
+    z, losses = make()
+    fast = gram.gram_matrix(losses, shared, features=z, linear="activations").gram
+    monkeypatch.setattr(gram, "_UNWRAP", False)
+    public = gram.gram_matrix(losses, shared, features=z, linear="activations")
+    assert public.forms["activations"] >= 1
+    torch.testing.assert_close(public.gram, fast, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(public.gram, loop_gram(losses, shared), rtol=1e-12, atol=1e-15)
+
+
 def test_tied_weight_is_never_split_into_per_use_blocks():
     # a's weight reaches the output along two paths: the block must be <g_i, g_j> of the SUMMED
     # gradient (cross terms between the uses included), so it is taken from its gradients
@@ -197,6 +211,24 @@ def test_prefer_gram_compares_the_k_by_p_matrix_with_the_budget():
     assert not gram.prefer_gram(4, p, budget=4 * 105 * 4)
 
 
+def test_prefer_gram_keeps_the_loop_where_activations_outweigh_parameters():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, padding=1)  # 224 parameters, 8 x 16 x 16 outputs per sample
+    head = nn.Linear(8, 1)
+    x = torch.randn(16, 3, 16, 16)
+    feats = conv(x)
+    losses = [head(feats.mean((2, 3))).pow(i + 1).mean() for i in range(3)]
+    shared = list(conv.parameters())
+    # largest gradient into a node: the conv output, 16 x 8 x 16 x 16 floats; largest block: the
+    # conv kernel, 8 x 3 x 3 x 3 floats
+    assert gram.batched_backward_bytes(3, losses, shared) == 2 * 3 * 16 * 8 * 16 * 16 * 4 + 3 * 216 * 4
+    assert not gram.prefer_gram(3, shared, losses, budget=0)  # 2 x 3 x 128 KiB > 3 x 224 floats
+    lin = nn.Linear(512, 512)
+    h = lin(torch.randn(2, 512))
+    losses = [h.pow(i + 1).mean() for i in range(3)]
+    assert gram.prefer_gram(3, list(lin.parameters()), losses, budget=0)  # 3 x 1 MiB > 2 x 3 x 4 KiB
+
+
 # ----------------------------------------------------------------------------- the wrapper
 GRAM_METHODS = [n for n in gb.available_methods()
                 if make_method(n).requires == "gram" and make_method(n).mode == "exact"
@@ -253,6 +285,46 @@ def test_head_weights_apart_from_shared_weights():
     for step_a, step_b in zip(out, ref):
         for a, b in zip(step_a, step_b):
             assert rel(a, b) < 1e-10
+
+
+class _NumpyTanh(torch.autograd.Function):
+    """A layer whose backward leaves torch (numpy): vmap cannot batch it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return torch.from_numpy(g.detach().numpy() * (1 - y.detach().numpy() ** 2))
+
+
+def test_unbatchable_backward_falls_back_to_the_loop_with_a_warning():
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(4, 6))
+    heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(K))
+    params = [*trunk.parameters(), *heads.parameters()]
+    x = torch.randn(5, 4)
+    grads = {}
+    for engine in ("gram", "loop"):
+        opt = gb.GradBalance(torch.optim.SGD(params, lr=0.0), "mgda", shared_params=trunk, engine=engine)
+        for step in range(2):
+            opt.zero_grad()
+            z = _NumpyTanh.apply(trunk(x))
+            losses = [h(z).pow(2).mean() * (i + 1) for i, h in enumerate(heads)]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                info = opt.backward(losses, features=z)
+            opt.step()
+            if engine == "gram":
+                assert info.engine == "loop"
+                assert len([w for w in caught if "could not batch" in str(w.message)]) == (step == 0)
+        grads[engine] = [p.grad.clone() for p in params]
+    for a, b in zip(grads["gram"], grads["loop"]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
 def test_grad_scaler_unscales_before_the_gram():
@@ -343,10 +415,11 @@ def test_combine_accumulation_keeps_the_gram_engine():
 
 
 def test_auto_chooses_gram_only_above_the_memory_budget(monkeypatch):
+    # a wide trunk on a small batch: k x P outweighs two k x (activation) buffers
     for budget, expected in ((gram.AUTO_BUDGET_BYTES, "loop"), (0, "gram")):
         monkeypatch.setattr(gram, "AUTO_BUDGET_BYTES", budget)
-        model = MultiTaskNet(2)
-        x, y = make_batch(2)
+        model = MultiTaskNet(2, width=64)
+        x, y = make_batch(2, n=8)
         opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.1), "mgda", shared_params=model.trunk)
         z, losses = task_losses(model, x, y)
         assert opt.backward(losses, features=z).engine == expected
@@ -381,7 +454,7 @@ def test_distributed_is_refused_and_nothing_changes():
         def check(self, *args):
             pass
 
-        def agree(self, *args):
+        def agree(self, *args):  # every rank makes the same call
             pass
 
         def mean(self, t):
@@ -429,3 +502,59 @@ def test_quick_benchmark_runs_and_agrees_with_the_loop(tmp_path, monkeypatch):
     assert rows[0]["agreement"] < 1e-5
     tjd = by_label["mgda (torchjd autogram)"]
     assert tjd["status"] == "ok" or tjd["status"].startswith("skipped")
+
+
+def test_update_every_reuses_the_gram_engines_weights():
+    model = MultiTaskNet(3)
+    x, y = make_batch(3)
+    opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.0), "mgda", shared_params=model.trunk,
+                         engine="gram", update_every=2)
+    infos = []
+    for _ in range(3):
+        opt.zero_grad()
+        z, losses = task_losses(model, x, y)
+        infos.append(opt.backward(losses, features=z))
+        opt.step()
+    assert [i.engine for i in infos] == ["gram", "reused", "gram"]
+    torch.testing.assert_close(infos[1].weights, infos[0].weights, rtol=0, atol=0)
+
+
+def test_functional_backward_with_the_gram_engine():
+    grads = {}
+    for engine in ("gram", "loop"):
+        model = MultiTaskNet(3)
+        x, y = make_batch(3)
+        z, losses = task_losses(model, x, y)
+        info = gb.backward(losses, model.trunk, "upgrad", features=z, engine=engine)
+        assert info.engine == engine
+        grads[engine] = [p.grad.clone() for p in model.parameters()]
+    assert rel_update(grads["gram"], grads["loop"]) < 1e-5
+
+
+def test_the_k_by_p_matrix_is_never_formed():
+    # four wide layers, a small batch: k x P (16 MiB) dwarfs everything else the step allocates
+    from benchmarks.overhead import peak_bytes
+
+    torch.manual_seed(0)
+    k = 16
+    trunk = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(256, 256), nn.Tanh())])
+    heads = [nn.Linear(256, 1) for _ in range(k)]
+    x = torch.randn(4, 256)
+    shared = list(trunk.parameters())
+    matrix = gram.jacobian_bytes(k, shared)
+    for linear in ("auto", "gradients"):
+        def run(linear=linear):
+            z = trunk(x)
+            gram.gram_matrix([h(z).pow(2).mean() for h in heads], shared, features=z, linear=linear)
+
+        run()
+        # gradients: at most one layer's k gradients (a quarter) at a time; activations: N x N
+        # products, no k x out x in tensor at all
+        assert peak_bytes(run, "cpu") < matrix / (2 if linear == "gradients" else 8), linear
+
+    def loop():
+        z = trunk(x)
+        jacobian.task_gradients([h(z).pow(2).mean() for h in heads], shared)
+
+    loop()
+    assert peak_bytes(loop, "cpu") >= matrix  # the probe does see a k x P matrix

@@ -225,3 +225,41 @@ def test_registry_and_hyperparameters():
             MGDA(**kwargs)
     with pytest.raises(ValueError, match="k <= 2"):
         MGDA(solver="closed_form").aggregate(inputs_from(rand_g(3, 4, seed=0)))
+
+
+# ---------------------------------------- the official two-vector rule (documented, not followed)
+def _official_from2(v11, v12, v22):
+    """isl-org/MultiObjectiveOptimization multi_task/min_norm_solvers.py, lines 17-30."""
+    if v12 >= v11:
+        return 0.999
+    if v12 >= v22:
+        return 0.001
+    return -1.0 * ((v12 - v22) / (v11 + v22 - 2 * v12))
+
+
+@pytest.mark.parametrize("g2", [(2.0, 0.0), (0.5, 0.0), (3.0, 1.0)])
+def test_exact_two_vector_rule_where_the_official_code_clips_to_0_999(g2):
+    """Where one gradient's projection on the other exceeds its own norm the min-norm point is
+    a vertex: gradbalance returns it exactly, the official rule 0.999/0.001 of it, with a
+    larger objective."""
+    g = torch.tensor([[1.0, 0.0], list(g2)], dtype=torch.float64)
+    m = g @ g.T
+    w = MGDA().aggregate(TaskInputs(losses=torch.ones(2, dtype=torch.float64), gram=m)).weights
+    gamma = _official_from2(float(m[0, 0]), float(m[0, 1]), float(m[1, 1]))
+    official = torch.tensor([gamma, 1 - gamma], dtype=torch.float64)
+    assert gamma in (0.999, 0.001)
+    assert sorted(w.tolist()) == [0.0, 1.0]
+    assert float(w @ m @ w) < float(official @ m @ official)
+    torch.testing.assert_close(w, official, atol=1.001e-3, rtol=0)  # the same vertex, up to the 0.001
+
+
+def test_exact_qp_is_never_above_the_official_projected_gradient_solution():
+    from benchmarks.mgda_official import official_min_norm
+
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        g = torch.randn(5, 12, generator=gen, dtype=torch.float64) * torch.randn(5, 1, generator=gen).exp()
+        m = g @ g.T
+        w = MGDA().aggregate(TaskInputs(losses=torch.ones(5, dtype=torch.float64), gram=m)).weights
+        a, _, _ = official_min_norm(m.numpy())
+        assert float(w @ m @ w) <= float(a @ m.numpy() @ a) * (1 + 1e-9)

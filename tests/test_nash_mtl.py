@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,7 +56,7 @@ def test_scaling_the_gradients_by_s_scales_a_by_one_over_s():
 def test_agrees_across_solvers_and_permutations():
     grads = well_conditioned(4, seed=5)
     a = NashMTL(max_norm=0.0).aggregate(inputs_for(grads)).weights
-    a_scs = NashMTL(max_norm=0.0, solver="SCS").aggregate(inputs_for(grads)).weights
+    a_scs = NashMTL(max_norm=0.0, cvxpy_solver="SCS").aggregate(inputs_for(grads)).weights
     torch.testing.assert_close(a_scs, a, rtol=1e-3, atol=0)
     perm = torch.tensor([2, 0, 3, 1])
     torch.testing.assert_close(NashMTL(max_norm=0.0).aggregate(inputs_for(grads[perm])).weights, a[perm],
@@ -83,11 +84,11 @@ def test_update_every_reuses_the_last_weights_and_warm_starts():
     other = well_conditioned(3, seed=8)
     for step in (1, 2):
         agg = method.aggregate(inputs_for(other, step=step))
-        assert agg.extras["reused"] == 1
+        assert agg.extras["reused"] is True
         torch.testing.assert_close(agg.weights, first.weights, rtol=0, atol=0)
         method.commit(agg.pending)
     fresh = method.aggregate(inputs_for(other, step=3))
-    assert fresh.extras["reused"] == 0
+    assert fresh.extras["reused"] is False
     torch.testing.assert_close(fresh.weights, NashMTL(max_norm=0.0).aggregate(inputs_for(other)).weights,
                                rtol=1e-6, atol=0)
     # warm start: the same problem again is solved at the first iteration
@@ -114,16 +115,103 @@ def test_task_count_is_checked():
         method.aggregate(inputs_for(random_gradients(2)))
 
 
-@pytest.mark.parametrize("kwargs", [{"update_every": 0}, {"optim_niter": 1.5}, {"max_norm": float("nan")},
-                                    {"solver": "NOT_A_SOLVER"}, {"update_every": True}])
-def test_bad_hyperparameters(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"update_every": 0}, ValueError, "update_every must be >= 1, got 0"),
+    ({"optim_niter": 1.5}, TypeError, "optim_niter must be an int"),
+    ({"max_norm": float("nan")}, ValueError, "max_norm"),
+    ({"cvxpy_solver": "NOT_A_SOLVER"}, ValueError, "cvxpy_solver 'NOT_A_SOLVER' is not installed"),
+    ({"update_every": True}, TypeError, "update_every must be an int"),
+])
+def test_bad_hyperparameters(kwargs, error, match):
+    with pytest.raises(error, match=match):
         NashMTL(**kwargs)
+
+
+def test_solver_argument_is_deprecated_but_works():
+    with pytest.warns(FutureWarning, match="cvxpy_solver"):
+        method = NashMTL(solver="scs")
+    assert method.cvxpy_solver == "SCS" and method.solver == "SCS"
+    assert NashMTL(max_norm=None).max_norm == 0.0
+
+
+# ------------------------------------ the iterative solver's failure paths (k >= 3), injected
+class _Value:
+    value = None
+
+
+class _FakeProblem:
+    """Stands in for the cached cvxpy problem: each solve() plays the next scripted outcome."""
+
+    def __init__(self, script, a):
+        self.script, self.a, self.status, self.calls = list(script), a, None, 0
+
+    def solve(self, **_):
+        import cvxpy as cp
+
+        self.calls += 1
+        outcome = self.script.pop(0)
+        if outcome == "raise":
+            raise cp.error.SolverError("injected")
+        self.status, self.a.value = outcome
+
+
+def _with_script(monkeypatch, method, script):
+    a = _Value()
+    prob = _FakeProblem(script, a)
+    monkeypatch.setattr(method, "_problem", lambda k: (prob, a, _Value(), _Value()))
+    return prob
+
+
+def _normalised(grads):
+    gram = grads @ grads.T
+    fro = float(torch.linalg.matrix_norm(gram))
+    m_n = (gram / fro).numpy()
+    exact, _, _ = NashMTL().solve(m_n, 1.0 / np.sqrt(np.diag(m_n)))
+    return exact, fro
+
+
+@pytest.mark.parametrize("first", [
+    "raise",                      # the solver errors out
+    "infeasible_with_solution",   # a non-optimal status, even with the right numbers: the status check
+    "optimal_but_violating",      # "optimal" with a point violating a_i (M a)_i >= 1: the constraint check
+])
+def test_iterative_solver_first_iteration_failure_raises_and_changes_nothing(monkeypatch, first):
+    grads = random_gradients(3, seed=4)
+    exact, _ = _normalised(grads)
+    outcome = {"raise": "raise", "infeasible_with_solution": ("infeasible", exact),
+               "optimal_but_violating": ("optimal", 0.5 * exact)}[first]
+    method = NashMTL(max_norm=None)
+    prob = _with_script(monkeypatch, method, [outcome])
+    with pytest.raises(RuntimeError, match="failed on the first iteration"):
+        method.aggregate(inputs_for(grads))
+    assert prob.calls == 1 and method.state_dict()["num_tasks"] == 0 and method.failures == 0
+
+
+@pytest.mark.parametrize("second", ["raise", "infeasible_with_solution", "optimal_but_violating"])
+def test_iterative_solver_later_failure_keeps_this_steps_last_iterate_and_says_so(monkeypatch, second):
+    """A failure at iteration 2 returns iteration 1's point (never the warm start), warns and
+    counts the failure."""
+    grads = random_gradients(3, seed=4)
+    exact, fro = _normalised(grads)
+    first = 2.0 * exact  # feasible (a_i (M a)_i = 4) but not converged: the loop goes on
+    outcome = {"raise": "raise", "infeasible_with_solution": ("infeasible", exact),
+               "optimal_but_violating": ("optimal", 0.5 * exact)}[second]
+    method = NashMTL(max_norm=None)
+    prob = _with_script(monkeypatch, method, [("optimal", first), outcome])
+    with pytest.warns(RuntimeWarning) as record:
+        agg = method.aggregate(inputs_for(grads))
+    messages = [str(w.message) for w in record]
+    assert any("failed at iteration 2" in m for m in messages)
+    assert any("max |a_i (M a)_i - 1| = 3.00e+00" in m for m in messages)  # the residual is reported too
+    assert prob.calls == 2 and agg.extras["solver_failures"] == 1
+    torch.testing.assert_close(agg.weights, torch.from_numpy(first) / math.sqrt(fro), rtol=1e-15, atol=0)
+    method.commit(agg.pending)
+    assert method.failures == 1
 
 
 def test_registry_defaults():
     method = gb.methods.base.make_method("nash_mtl")
-    assert repr(method) == "NashMTL(update_every=1, optim_niter=20, max_norm=1.0, solver='CLARABEL')"
+    assert repr(method) == "NashMTL(update_every=1, optim_niter=20, max_norm=1.0, cvxpy_solver='CLARABEL')"
 
 
 def test_end_to_end():

@@ -77,3 +77,23 @@ def test_bad_arguments():
     e = _expert()
     with pytest.raises(ValueError, match="tied"):
         CGC([e], {"a": [e]}, {"a": nn.Linear(6, 1)}, in_features=5)
+
+
+def test_default_gates_read_images_flattened():
+    """Conv experts on (N, C, H, W): CGC's default linear gates read x.flatten(1), like MMoE's."""
+    torch.manual_seed(0)
+
+    def conv():
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    model = CGC([conv()], {"a": [conv()], "b": []}, {"a": nn.Linear(4, 1), "b": nn.Linear(4, 2)},
+                in_features=3 * 6 * 6)
+    x = torch.randn(5, 3, 6, 6)
+    out = model(x)
+    own, shared = model.task_experts["a"][0](x), model.shared_experts[0](x)
+    g = torch.softmax(x.flatten(1) @ model.gates["a"].weight.T + model.gates["a"].bias, dim=-1)
+    torch.testing.assert_close(model.gate_weights(x)["a"], g)
+    torch.testing.assert_close(out["a"], model.towers["a"](g[:, :1] * own + g[:, 1:] * shared))
+    wrong = CGC([conv()], {"a": [], "b": []}, {"a": nn.Linear(4, 1), "b": nn.Linear(4, 2)}, in_features=6)
+    with pytest.raises(ValueError, match=r"CGC's default gates.*\(5, 3, 6, 6\).*108 features"):
+        wrong(x)

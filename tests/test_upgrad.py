@@ -110,6 +110,13 @@ def test_bad_hyperparameters(kwargs):
         UPGrad(**kwargs)
 
 
+def test_reg_must_be_a_number():
+    with pytest.raises(TypeError, match="reg must be a number"):
+        UPGrad(reg=True)
+    with pytest.raises(ValueError, match="reg must be >= 0.0, got -1.0"):
+        UPGrad(reg=-1.0)
+
+
 def test_pref_length_mismatch():
     with pytest.raises(ValueError, match="pref has 2 entries"):
         UPGrad(pref=[1.0, 1.0]).aggregate(inputs_for(random_gradients(3)))

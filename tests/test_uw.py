@@ -86,8 +86,12 @@ def test_errors():
         UW(kind="poisson")
     with pytest.raises(ValueError, match="init"):
         UW(init=float("inf"))
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ValueError, match="init"):
+        UW(init=True)
+    with pytest.raises(ValueError, match="lr must be positive, got -1.0"):
         UW(lr=-1.0)
+    with pytest.raises(TypeError, match="lr must be a number"):
+        UW(lr=True)
     with pytest.raises(ValueError, match="optimizer"):
         UW(optimizer="adamw")
     with pytest.raises(ValueError, match="3 values of kind but has seen 4 tasks"):
@@ -157,3 +161,72 @@ def test_missing_tasks_keep_their_state():
     assert m.tasks == ("depth", "seg", "normal")
     expected = 0.5 * torch.exp(-torch.stack([torch.tensor(0.0, dtype=D), frozen["s"][i]]))
     torch.testing.assert_close(agg.weights, expected)  # order of this step: normal, seg
+
+
+# ------------------------------------------------- the seed scenario: one kind per named task
+def _face_model():
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU(), torch.nn.LayerNorm(16)).double()
+    heads = torch.nn.ModuleDict({"age": torch.nn.Linear(16, 1), "gender": torch.nn.Linear(16, 1),
+                                 "race": torch.nn.Linear(16, 4)}).double()
+    return trunk, heads
+
+
+def _face_losses(trunk, heads, x, age, gender, race):
+    z = trunk(x)
+    f = torch.nn.functional
+    return {"age": f.l1_loss(heads["age"](z).squeeze(-1), age),
+            "gender": f.binary_cross_entropy_with_logits(heads["gender"](z).squeeze(-1), gender),
+            "race": f.cross_entropy(heads["race"](z), race)}
+
+
+def test_seed_scenario_l1_age_bce_gender_ce_race_uses_each_papers_form():
+    """Kendall et al. eq. 7 for the L1 age regression (L / (2 sigma^2) + log sigma) and eq. 10 for
+    the two classification losses (L / sigma^2 + log sigma): the gradients gradbalance writes
+    equal autograd of that objective written with sigma, at the current sigma."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(32, 6, generator=gen, dtype=torch.float64)
+    age = 20 + 40 * torch.rand(32, generator=gen, dtype=torch.float64)
+    gender = torch.randint(0, 2, (32,), generator=gen).double()
+    race = torch.randint(0, 4, (32,), generator=gen)
+    kinds = {"age": "regression", "gender": "classification", "race": "classification"}
+    trunk, heads = _face_model()
+    params = list(trunk.parameters()) + list(heads.parameters())
+    opt = gb.GradBalance(torch.optim.SGD(params, lr=1e-3), UW(kind=kinds, init=[0.3, -0.2, 0.1], lr=0.05),
+                         shared_params=trunk)
+    for step in range(3):
+        s = dict(zip(opt._balancer.method.tasks, opt._balancer.method.log_variances.tolist())) if step else \
+            {"age": 0.3, "gender": -0.2, "race": 0.1}
+        losses = _face_losses(trunk, heads, x, age, gender, race)
+        sigma = {n: math.exp(0.5 * v) for n, v in s.items()}  # s = log sigma^2
+        paper = (losses["age"] / (2 * sigma["age"] ** 2) + math.log(sigma["age"])
+                 + losses["gender"] / sigma["gender"] ** 2 + math.log(sigma["gender"])
+                 + losses["race"] / sigma["race"] ** 2 + math.log(sigma["race"]))
+        want = torch.autograd.grad(paper, params, retain_graph=True)
+        opt.zero_grad()
+        info = opt.backward(losses)
+        for w, p in zip(want, params):
+            torch.testing.assert_close(p.grad, w, rtol=1e-12, atol=1e-15)
+        names = list(info.task_names)
+        torch.testing.assert_close(
+            info.weights, torch.tensor([(0.5 if n == "age" else 1.0) / sigma[n] ** 2 for n in names],
+                                       dtype=torch.float64), rtol=1e-12, atol=0)
+        # the gradient of the paper's objective w.r.t. s_i, from the loss values
+        s_t = torch.tensor([s[n] for n in names], dtype=torch.float64, requires_grad=True)
+        c = torch.tensor([0.5 if n == "age" else 1.0 for n in names], dtype=torch.float64)
+        lv = torch.stack([losses[n].detach() for n in names])
+        (grad_s,) = torch.autograd.grad((c * torch.exp(-s_t) * lv + 0.5 * s_t).sum(), s_t)
+        pending = opt._balancer._window.pending
+        torch.testing.assert_close(pending["grad"], grad_s, rtol=1e-12, atol=1e-15)
+        opt.step()
+
+
+def test_kind_dict_must_name_every_task_and_stays_keyed_by_name():
+    with pytest.raises(ValueError, match=r"no kind for task\(s\) \['race'\]"):
+        UW(kind={"age": "regression"}).aggregate(
+            TaskInputs(losses=torch.ones(2, dtype=torch.float64), task_names=("age", "race")))
+    with pytest.raises(ValueError, match="kind must be"):
+        UW(kind={"age": "poisson"})
+    m = UW(kind={"a": "classification", "b": "regression"})
+    agg = m.aggregate(TaskInputs(losses=torch.ones(2, dtype=torch.float64), task_names=("b", "a")))
+    torch.testing.assert_close(agg.weights, torch.tensor([0.5, 1.0], dtype=torch.float64))

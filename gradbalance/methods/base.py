@@ -14,6 +14,7 @@ method state, and leaves everything unchanged when a step raises.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -76,6 +77,16 @@ class Aggregation:
             ``None`` means all ones).
         extras: diagnostics copied into :class:`~gradbalance.StepInfo` ``.extras``.
         pending: the state change that :meth:`Method.commit` applies once the step is taken.
+        max_norm: ask the engine to clip the norm of the shared parameters' combined gradient
+            to this value after weighting (``torch.nn.utils.clip_grad_norm_`` on the shared
+            parameters, as the official FAMO code does after its backward), or ``None``. For
+            methods that do not see the Gram matrix (``requires="losses"``), whose update norm
+            the method cannot compute; a method that sees ``M`` folds a clip into ``weights``
+            instead (``n = sqrt(w^T M w)``, weights times ``min(1, max_norm / (n + 1e-6))``).
+            Applied on the engine's losses path to each ``backward`` call's contribution
+            (the shared parameters: explicit, or inferred as those reached by two or more
+            losses; under FSDP they must be explicit). Ignored on the other paths, where the
+            method sees ``M`` and must fold the clip into its weights.
     """
 
     weights: Tensor | None
@@ -83,6 +94,7 @@ class Aggregation:
     head_weights: Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     pending: Any = None
+    max_norm: float | None = None
 
 
 class Method:
@@ -133,6 +145,12 @@ class Method:
         on that subset only, and its weights are applied by one backward of ``sum_i w_i L_i``.
         """
         return shared
+
+    def choose_subset(self, shared: list[Tensor], losses: Sequence[Tensor]) -> list[Tensor]:
+        """:meth:`shared_subset` with this step's losses at hand (their autograd graphs), for a
+        method that chooses its subset from the graph (GradNorm's default layer). The engine
+        calls this where it has the graph; the default ignores ``losses``."""
+        return self.shared_subset(shared)
 
     def state_dict(self) -> dict[str, Any]:
         """The method's state: tensors, ints and floats only (saved under ``"gradbalance"``
@@ -257,6 +275,62 @@ def state_keys(inputs: TaskInputs, tasks: Sequence[str], method: str) -> list[st
     if not inputs.task_names and tasks:
         check_num_tasks(len(tasks), k, method)
     return list(inputs.task_names) or [f"task{i}" for i in range(k)]
+
+
+def clip_factor(weights: Tensor, gram: Tensor, max_norm: float | None) -> tuple[float, float]:
+    """``(norm, factor)`` of the update ``d = sum_i w_i g_i``: ``norm = sqrt(w^T M w)`` and the
+    factor ``min(1, max_norm / (norm + 1e-6))`` by which ``torch.nn.utils.clip_grad_norm_``
+    would scale it (``1.0`` when ``max_norm`` is ``None``)."""
+    w = weights.detach().to(gram.device, torch.float64)
+    norm = float(w @ gram.double() @ w) ** 0.5
+    if max_norm is None:
+        return norm, 1.0
+    return norm, min(1.0, max_norm / (norm + 1e-6))
+
+
+def check_number(name: str, value: Any, *, positive: bool = False, minimum: float | None = None,
+                 integer: bool = False) -> Any:
+    """Validate one numeric hyper-parameter the same way in every method.
+
+    Booleans are not numbers (``lr=True`` is refused). Messages name the argument and the
+    value, e.g. ``"alpha must be positive, got -1"``.
+
+    Args:
+        name: the argument's name, for the message.
+        value: the value given.
+        positive: require ``value > 0``.
+        minimum: require ``value >= minimum``.
+        integer: require an ``int`` (otherwise an ``int`` or a ``float``).
+
+    Returns:
+        ``value`` as an ``int`` (``integer=True``) or a ``float``.
+
+    Raises:
+        TypeError: not a number (or not an int where one is required).
+        ValueError: NaN, infinite, or out of range.
+    """
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        what = "an int" if integer else "a number"
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    if minimum is not None and not value >= minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def check_max_norm(max_norm: Any) -> float | None:
+    """Validate a ``max_norm`` argument: a finite number > 0, or ``None`` (no clipping)."""
+    if max_norm is None:
+        return None
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
+        raise TypeError(f"max_norm must be a number or None, got {type(max_norm).__name__}")
+    if not 0.0 < max_norm < float("inf"):
+        raise ValueError(f"max_norm must be a finite number > 0 or None (no clipping), got {max_norm!r}")
+    return float(max_norm)
 
 
 def generator_from_state(state: Tensor) -> torch.Generator:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from gradbalance.methods.base import Aggregation, Method, TaskInputs, register, state_keys
+from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_number, register, state_keys
 
 __all__ = ["DWA"]
 
@@ -70,8 +70,7 @@ class DWA(Method):
     epoch_warning_steps: int | None = 1000
 
     def __init__(self, temperature: float = 2.0, window: str = "epoch") -> None:
-        if not float(temperature) > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        temperature = check_number("temperature", temperature, positive=True)
         if window not in WINDOWS:
             raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
         self.temperature, self.window = float(temperature), window

@@ -11,11 +11,12 @@ import numpy as np
 import torch
 from scipy.optimize import brentq, least_squares
 
-from gradbalance.methods.base import Aggregation, Method, TaskInputs, register
+from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_max_norm, clip_factor, register
 
 __all__ = ["FairGrad"]
 
 _EPS = float(np.finfo(np.float64).eps)
+WIRINGS = ("official", "libmtl")
 
 
 @register("fairgrad", "FairGrad (Ban & Ji 2024): alpha-fair allocation, solves M w = w^(-1/alpha)")
@@ -78,14 +79,34 @@ class FairGrad(Method):
     left: ``w = ||g||^(-2 alpha/(1+alpha))``).
 
     Args:
-        alpha: fairness exponent ``alpha > 0``. Default ``1.0`` (the LibMTL default; the paper
-            tunes alpha per benchmark, e.g. 1, 2, 5).
+        alpha: fairness exponent ``alpha > 0``. Default ``1.0`` (the default of the official
+            class and of its ``--alpha`` flag, and LibMTL's example value); the official run
+            scripts use ``alpha = 2.0`` for NYU-v2, Cityscapes, CelebA and QM9.
+        max_norm: clip the norm of the shared update to this value (default ``1.0``, the
+            official code's); ``None`` turns it off (LibMTL does not clip).
+        wiring: how the weights reach the parameters:
+
+            - ``"official"`` (default), as OptMN-Lab/fairgrad ``methods/weight_methods.py``
+              (class ``FairGrad``): each loss is back-propagated on its own (lines 797-805),
+              so every head gets its task's plain gradient (head weight 1); the shared
+              gradient is overwritten with ``k * sum_i w_i g_i`` (``overwrite_grad``, line
+              845: "to match the sum loss"), then clipped with
+              ``clip_grad_norm_(shared, max_norm)`` (``backward``, lines 870-871).
+            - ``"libmtl"``, as LibMTL ``weighting/FairGrad.py``: one backward of
+              ``sum_i w_i L_i``: shared ``sum_i w_i g_i`` (no factor ``k``), head ``i`` gets
+              ``w_i`` times its gradient. ``FairGrad(wiring="libmtl", max_norm=None)`` is
+              LibMTL's method exactly.
+
+    The clip is folded into the weights: with ``n = ||d||`` (``d`` the shared update,
+    ``n^2 = c^2 w^T M w``, ``c`` = ``k`` or 1) the shared weights are multiplied by
+    ``min(1, max_norm / (n + 1e-6))``, the factor of ``torch.nn.utils.clip_grad_norm_``;
+    heads are never clipped (as in the official code, which clips the shared parameters only).
+    ``StepInfo.weights`` are the shared weights (``k w`` times the clip factor by default);
+    ``extras["solution"]`` is ``w`` itself, ``extras["clip"]`` the factor. With the wrapper's
+    ``update_every > 1`` the reused steps keep the clip factor of the step that solved.
 
     Scale: the weights carry ``1 / ||g||``-like units, so the update's size does not grow with
-    the loss scale for ``alpha = 1`` (like Nash-MTL); no norm clipping is applied here.
-
-    Task-specific parameters: head ``i`` gets ``w_i`` times its task's gradient, as the official
-    code backpropagates ``sum_i w_i L_i``.
+    the loss scale for ``alpha = 1`` (like Nash-MTL).
 
     State: the last weights normalised to ``M / s`` (the fallback at Pareto-stationary points)
     and the total number of such fallbacks. Cost: ``k`` gradient passes for ``M``, then a small
@@ -96,8 +117,12 @@ class FairGrad(Method):
         >>> from gradbalance.methods import FairGrad, TaskInputs
         >>> g = torch.tensor([[2.0, 0.0], [0.0, 0.5]], dtype=torch.float64)
         >>> agg = FairGrad().aggregate(TaskInputs(losses=torch.ones(2, dtype=torch.float64), gram=g @ g.T))
-        >>> agg.weights  # orthogonal gradients: w_i = 1 / ||g_i|| when alpha = 1
+        >>> agg.extras["solution"]  # orthogonal gradients: w_i = 1 / ||g_i|| when alpha = 1
         tensor([0.5000, 2.0000], dtype=torch.float64)
+        >>> agg.weights  # official wiring: k w, then clipped: ||k (w_1 g_1 + w_2 g_2)|| = 2 sqrt(2) -> 1
+        tensor([0.3536, 1.4142], dtype=torch.float64)
+        >>> agg.head_weights  # heads: their plain gradients
+        tensor([1., 1.], dtype=torch.float64)
 
     References:
         H. Ban, K. Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024.
@@ -105,18 +130,20 @@ class FairGrad(Method):
 
     requires = "gram"
 
-    def __init__(self, alpha: float = 1.0) -> None:
-        if (
-            isinstance(alpha, bool)
-            or not isinstance(alpha, (int, float))
-            or not 0.0 < alpha < float("inf")
-        ):
+    def __init__(self, alpha: float = 1.0, max_norm: float | None = 1.0, wiring: str = "official") -> None:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
+        if not 0.0 < alpha < float("inf"):
             raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+        if wiring not in WIRINGS:
+            raise ValueError(f"wiring must be one of {WIRINGS}, got {wiring!r}")
         self.alpha = float(alpha)
+        self.max_norm = check_max_norm(max_norm)
+        self.wiring = wiring
         self.reset()
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"alpha": self.alpha}
+        return {"alpha": self.alpha, "max_norm": self.max_norm, "wiring": self.wiring}
 
     def reset(self) -> None:
         """Forget the last weights (the fallback at Pareto-stationary points) and the failures."""
@@ -218,6 +245,8 @@ class FairGrad(Method):
         return np.array([math.exp(log_x1 - ln1), math.exp(log_x1 + log_r - ln2)])
 
     def aggregate(self, inputs: TaskInputs) -> Aggregation:
+        if inputs.gram is None:
+            raise ValueError("FairGrad needs the Gram matrix of the task gradients (inputs.gram)")
         gram = inputs.gram.detach().to("cpu", torch.float64).numpy()
         gram = 0.5 * (gram + gram.T)
         k = gram.shape[0]
@@ -258,10 +287,16 @@ class FairGrad(Method):
                     stacklevel=2,
                 )
         pending = (torch.from_numpy(w * scale**exp), failures)
-        weights = torch.as_tensor(w, dtype=torch.float64, device=inputs.losses.device)
+        solution = torch.as_tensor(w, dtype=torch.float64, device=inputs.losses.device)
+        official = self.wiring == "official"
+        shared = solution * k if official else solution  # overwrite_grad: "* n_tasks"
+        norm, factor = clip_factor(shared, inputs.gram, self.max_norm)
+        heads = torch.ones_like(solution) if official else solution
         return Aggregation(
-            weights=weights,
-            extras={"residual": rel, "solver_failures": failures},
+            weights=shared * factor,
+            head_weights=heads,
+            extras={"residual": rel, "solver_failures": failures, "solution": solution.clone(),
+                    "update_norm": norm * factor, "clip": factor},
             pending=pending,
         )
 

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_num_tasks, register
+from gradbalance.methods.adam import adam_update
+from gradbalance.methods.base import (
+    Aggregation,
+    Method,
+    TaskInputs,
+    check_max_norm,
+    check_num_tasks,
+    clip_factor,
+    register,
+)
 
 __all__ = ["FAMO"]
 
-_BETAS, _EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as in the official code
+_UNSET: Any = object()
 
 
 @register(
@@ -29,29 +39,57 @@ class FAMO(Method):
 
     The logits learn from how much each log loss fell over one step,
     ``delta_i = log(L_i^prev - m_i) - log(L_i^now - m_i)``: their gradient is
-    ``J_softmax^T delta = z * (delta - z . delta)``, stepped by Adam (``lr``, L2 ``weight_decay``,
-    betas ``(0.9, 0.999)``, eps ``1e-8``). So a task whose loss fell less than the
-    z-weighted average gains weight.
+    ``J_softmax^T delta = z * (delta - z . delta)``, stepped by Adam (``lr``, L2 decay
+    ``gamma``, betas ``(0.9, 0.999)``, eps ``1e-8`` placed as ``torch.optim.Adam`` places it,
+    which is what the official code uses: ``famo.py`` line 20). So a task whose loss fell less
+    than the z-weighted average gains weight.
+
+    Shared-gradient clipping (``max_norm``, default ``1.0``): the official ``FAMO.backward``
+    (Cranial-XIX/FAMO ``famo.py`` lines 66-69) back-propagates ``sum_i w_i L_i`` and then
+    clips the shared parameters' gradient norm with ``torch.nn.utils.clip_grad_norm_(shared,
+    max_norm)``, ``max_norm = 1.0`` by default (also the default of ``--max_norm`` in its
+    ``experiments/utils.py``). gradbalance does the same: the engine clips the shared part of
+    the weighted gradient after the backward (``Aggregation.max_norm``); heads are not
+    clipped. ``max_norm=None`` turns it off. Note: in the repository's experiment code
+    (``methods/weight_methods.py`` lines 77-80, used by every trainer, the toy included) the
+    clip is called BEFORE ``loss.backward()``, right after ``optimizer.zero_grad()``, so it
+    clips zero gradients and has no effect on the published runs; ``max_norm=None``
+    reproduces those runs. LibMTL's FAMO (``LibMTL/weighting/FAMO.py``) does not clip either
+    (and defaults to ``gamma = 1e-3``, ``FAMO_w_gamma``).
 
     Delayed update, no extra forward pass: the official trainers evaluate ``L^now`` by a second
-    forward pass after each step; here (as in the official toy example) ``L^now`` is the
-    losses of the NEXT step. Each step first applies the logit update from the previous
-    committed step's losses to this step's, then computes the weights from the new logits.
-    The whole update is computed in :meth:`aggregate` and stored at commit, so skipped or
-    re-run steps never change the logits. With mini-batches, ``L^prev`` and ``L^now`` come
-    from different batches (noise that Adam averages out). With gradient accumulation the
-    losses are the window's sums, so keep the number of micro-batches per step fixed.
+    forward pass after each step; here (as in the official toy trainer,
+    ``experiments/toy/trainer.py``, which calls ``update`` with the next iterate's losses)
+    ``L^now`` is the losses of the NEXT step. Each step first applies the logit update from
+    the previous committed step's losses to this step's, then computes the weights from the
+    new logits. The whole update is computed in :meth:`aggregate` and stored at commit, so
+    skipped or re-run steps never change the logits. With mini-batches, ``L^prev`` and
+    ``L^now`` come from different batches (noise that Adam averages out). With gradient
+    accumulation the losses are the window's sums, so keep the number of micro-batches per
+    step fixed; the clip then applies to each micro-batch's contribution.
 
     Args:
-        lr: Adam learning rate of the logits, > 0. Default ``0.025`` (paper).
-        weight_decay: L2 penalty ``gamma >= 0`` on the logits. Default ``1e-3`` (paper).
+        lr: Adam learning rate of the logits, > 0. Default ``0.025`` (the official ``w_lr``
+            and ``--method-params-lr`` default).
+        gamma: L2 decay ``gamma >= 0`` of the logits (``torch.optim.Adam``'s
+            ``weight_decay``, as in the official code). Default ``1e-3``: what the official
+            run scripts use for NYU-v2, CelebA and QM9 (``experiments/*/run.sh``); Cityscapes
+            uses ``1e-2``, the toy ``0.0``. The class default of the official ``famo.py`` is
+            ``0.01``, of ``weight_methods.FAMO`` ``1e-5``, of the ``--gamma`` flag ``0.01``.
+            LibMTL's default is ``1e-3``. The paper introduces the decay as a regulariser that
+            keeps the weighting focused on recent updates and tunes it per benchmark; it states
+            no single default.
         min_losses: lower bounds ``m_i`` of the losses (a number, or a sequence of ``k``).
             Default ``0.0``. Every loss must stay ``> m_i``: a ``ValueError`` names the task
             otherwise (the official code adds ``1e-8`` instead and silently takes the log of
             a tiny number).
+        max_norm: clip the norm of the shared parameters' gradient to this value after
+            weighting (default ``1.0``, the official ``FAMO``); ``None`` turns it off.
+        weight_decay: deprecated name of ``gamma`` (a ``FutureWarning``).
 
     Needs no per-task gradients (``requires="losses"``): a step costs one ordinary backward.
-    Task-specific parameters get the same weights ``w_i`` (one backward of ``sum_i w_i L_i``).
+    Task-specific parameters get the same weights ``w_i`` (one backward of ``sum_i w_i L_i``),
+    unclipped.
 
     State: ``xi``, Adam's two moments and step count, and the previous step's losses;
     ``state_dict()`` returns them (on the losses' device).
@@ -64,7 +102,7 @@ class FAMO(Method):
 
     References:
         B. Liu, Y. Feng, P. Stone, Q. Liu, "FAMO: Fast Adaptive Multitask Optimization",
-        NeurIPS 2023.
+        NeurIPS 2023. Official code: github.com/Cranial-XIX/FAMO.
     """
 
     requires = "losses"
@@ -73,20 +111,24 @@ class FAMO(Method):
     def __init__(
         self,
         lr: float = 0.025,
-        weight_decay: float = 1e-3,
+        gamma: float = 1e-3,
         min_losses: float | Sequence[float] = 0.0,
+        max_norm: float | None = 1.0,
+        weight_decay: float = _UNSET,
     ) -> None:
-        for name, value in (("lr", lr), ("weight_decay", weight_decay)):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-            ):
+        if weight_decay is not _UNSET:
+            warnings.warn("FAMO(weight_decay=...) is deprecated: the argument is now called gamma",
+                          FutureWarning, stacklevel=2)
+            gamma = weight_decay
+        for name, value in (("lr", lr), ("gamma", gamma)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+            raise ValueError(f"lr must be positive, got {lr!r}")
+        if not gamma >= 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma!r}")
         mins = [min_losses] if isinstance(min_losses, (int, float)) else list(min_losses)
         if not mins or any(
             isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m)
@@ -95,11 +137,17 @@ class FAMO(Method):
             raise ValueError(
                 f"min_losses must be a finite number or a sequence of them, got {min_losses!r}"
             )
-        self.lr, self.weight_decay = float(lr), float(weight_decay)
+        self.max_norm = check_max_norm(max_norm)
+        self.lr, self.gamma = float(lr), float(gamma)
         self.min_losses = (
             float(min_losses) if isinstance(min_losses, (int, float)) else tuple(map(float, mins))
         )
         self.reset()
+
+    @property
+    def weight_decay(self) -> float:
+        """Deprecated name of :attr:`gamma`."""
+        return self.gamma
 
     def reset(self) -> None:
         """Forget the logits, Adam's state and the previous losses."""
@@ -108,7 +156,8 @@ class FAMO(Method):
         self._adam_steps = 0
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"lr": self.lr, "weight_decay": self.weight_decay, "min_losses": self.min_losses}
+        return {"lr": self.lr, "gamma": self.gamma, "min_losses": self.min_losses,
+                "max_norm": self.max_norm}
 
     def aggregate(self, inputs: TaskInputs) -> Aggregation:
         losses = inputs.losses
@@ -138,19 +187,27 @@ class FAMO(Method):
         if self._prev.numel():
             delta = torch.log(self._prev.to(losses.device) - mins) - log_gap
             z = torch.softmax(xi, 0)
-            grad = z * (delta - z @ delta) + self.weight_decay * xi
             steps += 1
-            m = _BETAS[0] * m + (1 - _BETAS[0]) * grad
-            v = _BETAS[1] * v + (1 - _BETAS[1]) * grad * grad
-            denom = v.sqrt() / math.sqrt(1 - _BETAS[1] ** steps) + _EPS
-            xi = xi - (self.lr / (1 - _BETAS[0] ** steps)) * m / denom
+            # torch.optim.Adam(weight_decay=gamma), as the official code (eps after sqrt(v_hat))
+            xi, m, v = adam_update(xi, z * (delta - z @ delta), m, v, steps, lr=self.lr,
+                                   weight_decay=self.gamma, eps_placement="torch")
         z = torch.softmax(xi, 0)
         inv = z * torch.exp(-log_gap)
         weights = inv / inv.sum()
+        extras: dict[str, Any] = {"logits": xi.clone()}
+        clip, head_weights = self.max_norm, None
+        if clip is not None and inputs.gram is not None:
+            # the engine measured the Gram matrix anyway (accumulation="buffered"): clip exactly,
+            # in the weights; the heads keep the unclipped weights
+            norm, factor = clip_factor(weights, inputs.gram, clip)
+            extras.update(update_norm=norm * factor, clip=factor)
+            weights, head_weights, clip = weights * factor, weights, None
         return Aggregation(
             weights=weights,
-            extras={"logits": xi.clone()},
+            head_weights=head_weights,
+            extras=extras,
             pending=(xi, m, v, steps, losses.clone()),
+            max_norm=clip,
         )
 
     def commit(self, pending: Any) -> None:

@@ -2,18 +2,57 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from gradbalance.methods.base import Aggregation, Method, TaskInputs, register, state_keys
+from gradbalance.methods.adam import adam_update
+from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_number, register, state_keys
 
-__all__ = ["GradNorm"]
+__all__ = ["GradNorm", "last_shared_layer"]
 
 OPTIMIZERS = ("adam", "sgd")
-_BETAS, _EPS = (0.9, 0.999), 1e-8
 _KINK = 1e-12  # |G_i - target_i| below this (relative) counts as 0: the subgradient at the kink
+
+
+def last_shared_layer(losses: Sequence[Tensor], shared: Sequence[Tensor]) -> int | None:
+    """Index of GradNorm's default ``W``: the shared weight nearest the losses in the graph.
+
+    A breadth-first walk of the losses' autograd graphs (``grad_fn.next_functions``; nothing
+    is computed) gives every shared parameter its distance to the nearest loss, in graph
+    nodes. ``W`` is the nearest shared tensor with 2 or more dimensions (a weight matrix or a
+    convolution kernel; biases and norm scales are skipped unless no shared tensor has 2
+    dimensions); among equally near ones, the largest. So on a residual block whose output
+    is ``conv2(...) + shortcut(x)`` both the 3x3 ``conv2`` and the 1x1 shortcut conv are one
+    ``add`` away from the heads, and ``conv2`` (more weights: the main path) is chosen, where
+    "the last registered 2-D parameter" would pick the shortcut conv registered after it.
+
+    Returns:
+        The index into ``shared``, or ``None`` if the graphs reach none of them (e.g. compiled
+        graphs that hide their parameters).
+    """
+    wanted = {id(p): i for i, p in enumerate(shared)}
+    depth: dict[int, int] = {}
+    frontier = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
+    seen: set = set()
+    level = 0
+    while frontier and len(depth) < len(wanted):
+        nxt: list = []
+        for fn in frontier:
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            variable = getattr(fn, "variable", None)
+            if variable is not None and id(variable) in wanted:
+                depth.setdefault(wanted[id(variable)], level)
+            nxt.extend(next_fn for next_fn, _ in fn.next_functions)
+        frontier, level = nxt, level + 1
+    if not depth:
+        return None
+    matrices = [i for i in depth if shared[i].dim() >= 2] or list(depth)
+    return min(matrices, key=lambda i: (depth[i], -shared[i].numel(), -i))
 
 
 @register("gradnorm", "GradNorm (Chen et al. 2018): learned weights that balance gradient norms")
@@ -34,9 +73,13 @@ class GradNorm(Method):
         alpha: asymmetry ``alpha >= 0`` (default 1.5, the paper's NYUv2 value; 0 equalises the
             norms).
         lr: learning rate ``> 0`` of the weights' optimizer (default 0.025, the paper's).
-        layer: which shared tensor is ``W``: ``None`` (default) for the last shared tensor with
-            2 or more dimensions (the last layer's weight matrix; the last tensor if none is),
-            an int index into the shared parameters, or the tensor itself.
+        layer: which shared tensor is ``W``: ``None`` (default) for the last shared layer
+            before the heads, found from the autograd graph on the first step: the shared
+            weight (2 or more dimensions) nearest the losses, the largest among equally near
+            ones (:func:`last_shared_layer`; on a ResNet trunk the last main-path conv, not the
+            1x1 shortcut conv). Without a graph (a direct call of :meth:`shared_subset`
+            without losses, FSDP) the last shared tensor with 2 or more dimensions. Or an int
+            index into the shared parameters, or the tensor itself.
         optimizer: ``"adam"`` (default; betas 0.9/0.999, eps 1e-8) or ``"sgd"``.
 
     Task-specific parameters: head ``i`` gets ``w_i`` times its task's gradient (the gradient
@@ -78,16 +121,14 @@ class GradNorm(Method):
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025, layer: int | Tensor | None = None,
                  optimizer: str = "adam") -> None:
-        if not float(alpha) >= 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}")
-        if not float(lr) > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        alpha, lr = check_number("alpha", alpha, minimum=0.0), check_number("lr", lr, positive=True)
         if layer is not None and (isinstance(layer, bool) or not isinstance(layer, (int, Tensor))):
             raise TypeError(f"layer must be None, an int or a tensor, got {type(layer).__name__}")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         self.alpha, self.lr, self.layer, self.optimizer = float(alpha), float(lr), layer, optimizer
         self.layer_used = ""
+        self._layer_cache: tuple[tuple[int, ...], int] | None = None
         self.load_state_dict({})
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -104,9 +145,13 @@ class GradNorm(Method):
         """The task names the state is kept for, in first-seen order."""
         return tuple(self._tasks)
 
-    def shared_subset(self, shared: list[Tensor]) -> list[Tensor]:
+    def choose_subset(self, shared: list[Tensor], losses: Sequence[Tensor]) -> list[Tensor]:
+        return self.shared_subset(shared, losses)
+
+    def shared_subset(self, shared: list[Tensor], losses: Sequence[Tensor] | None = None) -> list[Tensor]:
+        """``[W]``: the tensor named by ``layer``, or the default layer (class docstring)."""
         if self.layer is None:
-            idx = max((i for i, p in enumerate(shared) if p.dim() >= 2), default=len(shared) - 1)
+            idx = self._default_layer(shared, losses)
         elif isinstance(self.layer, int):
             if not -len(shared) <= self.layer < len(shared):
                 raise ValueError(f"layer={self.layer} is out of range for {len(shared)} shared tensors")
@@ -118,6 +163,18 @@ class GradNorm(Method):
             idx = found[0]
         self.layer_used = f"shared[{idx}] {tuple(shared[idx].shape)}"
         return [shared[idx]]
+
+    def _default_layer(self, shared: list[Tensor], losses: Sequence[Tensor] | None) -> int:
+        """The last shared layer before the heads: see :func:`last_shared_layer` (cached per
+        shared set: the walk runs on the first step only)."""
+        key = tuple(id(p) for p in shared)
+        if self._layer_cache is not None and self._layer_cache[0] == key:
+            return self._layer_cache[1]
+        idx = last_shared_layer(losses, shared) if losses is not None else None
+        if idx is None:  # no graph (a direct call, FSDP) or a graph hiding its parameters
+            return max((i for i, p in enumerate(shared) if p.dim() >= 2), default=len(shared) - 1)
+        self._layer_cache = (key, idx)
+        return idx
 
     def aggregate(self, inputs: TaskInputs) -> Aggregation:
         names = state_keys(inputs, self._tasks, "GradNorm")
@@ -170,12 +227,10 @@ class GradNorm(Method):
         if self.optimizer == "sgd":
             w = self._w[index] - self.lr * grad
         else:
-            b1, b2 = _BETAS
-            m = self._m[index] = b1 * self._m[index] + (1 - b1) * grad
-            v = self._v[index] = b2 * self._v[index] + (1 - b2) * grad * grad
-            t = self._t[index].double()
-            m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
-            w = self._w[index] - self.lr * m_hat / (v_hat.sqrt() + _EPS)
+            # Adam with eps after the bias correction (Adam paper's Algorithm 1: no official code)
+            w, m, v = adam_update(self._w[index], grad, self._m[index], self._v[index],
+                                  self._t[index].double(), lr=self.lr, eps_placement="kingma")
+            self._m[index], self._v[index] = m, v
         w = w.clamp_min(0.0)
         self._w = self._w.clone()
         self._w[index] = w * (share / w.sum()) if bool(w.sum() > 0) else torch.full_like(w, share / len(w))

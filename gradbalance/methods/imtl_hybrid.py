@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_num_tasks, register
+from gradbalance.methods.adam import adam_update
+from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_num_tasks, check_number, register
 from gradbalance.methods.imtl import MODES, imtl_g_weights
 
 __all__ = ["IMTL"]
 
-_BETAS, _EPS = (0.9, 0.999), 1e-8
 
 
 @register("imtl", "IMTL: learned loss scales (IMTL-L) combined with IMTL-G's impartial gradient")
@@ -62,12 +61,10 @@ class IMTL(Method):
 
     def __init__(self, lr: float = 1e-3, optimizer: str = "adam", init: float = 0.0,
                  mode: str = "exact") -> None:
-        if not (isinstance(lr, (int, float)) and lr > 0.0 and math.isfinite(lr)):
-            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+        lr = check_number("lr", lr, positive=True)
         if optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-        if not (isinstance(init, (int, float)) and math.isfinite(init)):
-            raise ValueError(f"init must be a finite number, got {init!r}")
+        init = check_number("init", init)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.lr, self.optimizer, self.init, self.mode = float(lr), optimizer, float(init), mode
@@ -102,12 +99,9 @@ class IMTL(Method):
         if self.optimizer == "sgd":
             self.s = s - self.lr * grad
             return
-        b1, b2 = _BETAS
-        self.exp_avg = b1 * self.exp_avg + (1 - b1) * grad
-        self.exp_avg_sq = b2 * self.exp_avg_sq + (1 - b2) * grad * grad
-        m_hat = self.exp_avg / (1 - b1**self.t)
-        v_hat = self.exp_avg_sq / (1 - b2**self.t)
-        self.s = s - self.lr * m_hat / (v_hat.sqrt() + _EPS)
+        # Adam with eps after the bias correction (Adam paper's Algorithm 1; module adam)
+        self.s, self.exp_avg, self.exp_avg_sq = adam_update(
+            s, grad, self.exp_avg, self.exp_avg_sq, self.t, lr=self.lr, eps_placement="kingma")
 
     def state_dict(self) -> dict[str, Any]:
         return {"num_tasks": self.num_tasks, "t": self.t, "s": self.s.clone(),

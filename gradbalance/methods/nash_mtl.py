@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_num_tasks, register
+from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_num_tasks, check_number, register
 
 __all__ = ["NashMTL"]
 
@@ -48,10 +48,20 @@ class NashMTL(Method):
             last solution (re-clipped with the current ``M``). Only the solver cost is saved:
             the engine still computes ``M`` every step.
         optim_niter: maximum convex-concave iterations per solve (default 20).
-        max_norm: clip the norm of the shared update to this value (default 1.0); ``<= 0``
-            disables clipping.
-        solver: cvxpy solver, named explicitly (default ``"CLARABEL"``; ``"SCS"`` also ships
-            with cvxpy). The official ``ECOS`` is no longer installed by cvxpy >= 1.6.
+        max_norm: clip the norm of the shared update to this value (default 1.0); ``None`` or
+            ``<= 0`` disables clipping.
+        cvxpy_solver: the cvxpy backend, named explicitly (default ``"CLARABEL"``; ``"SCS"``
+            also ships with cvxpy). The official ``ECOS`` is no longer installed by cvxpy >= 1.6.
+            (Called ``solver`` before; ``solver=`` still works with a ``FutureWarning``. MGDA's
+            ``solver`` names an algorithm, hence the rename.)
+
+    ``update_every`` here vs the wrapper's: ``NashMTL(update_every=n)`` is the official
+    ``update_weights_every``: the engine still computes the Gram matrix every step and only
+    the cvxpy solve is skipped, the reused weights being re-clipped with the current ``M``.
+    ``GradBalance(..., update_every=n)`` (the wrapper's) skips the per-task gradients as well
+    and reuses the last weights as they were (one ordinary backward). Use one or the other;
+    both count the optimizer's committed steps. ``extras["reused"]`` is ``True`` on a step
+    that reused weights, in both.
 
     Task-specific parameters get ``a_i`` times their own gradient, unclipped (the official
     code back-propagates ``sum_i a_i L_i`` and clips the shared parameters only).
@@ -94,20 +104,33 @@ class NashMTL(Method):
 
     requires = "gram"
 
-    def __init__(self, update_every: int = 1, optim_niter: int = 20, max_norm: float = 1.0,
-                 solver: str = "CLARABEL") -> None:
-        for name, value in (("update_every", update_every), ("optim_niter", optim_niter)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or math.isnan(max_norm):
-            raise ValueError(f"max_norm must be a number (<= 0 disables clipping), got {max_norm!r}")
+    def __init__(self, update_every: int = 1, optim_niter: int = 20, max_norm: float | None = 1.0,
+                 cvxpy_solver: str = "CLARABEL", *, solver: str | None = None) -> None:
+        update_every = check_number("update_every", update_every, minimum=1, integer=True)
+        optim_niter = check_number("optim_niter", optim_niter, minimum=1, integer=True)
+        if max_norm is not None:
+            if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
+                raise TypeError(f"max_norm must be a number or None, got {type(max_norm).__name__}")
+            if math.isnan(max_norm):
+                raise ValueError(f"max_norm must be a number (None or <= 0 disables clipping), got {max_norm!r}")
+        if solver is not None:
+            warnings.warn("NashMTL(solver=...) is deprecated: the cvxpy backend is now called cvxpy_solver "
+                          "(MGDA's solver= names an algorithm)", FutureWarning, stacklevel=2)
+            cvxpy_solver = solver
         import cvxpy as cp  # imported lazily: cvxpy takes about a second to import
 
-        if not isinstance(solver, str) or solver.upper() not in cp.installed_solvers():
-            raise ValueError(f"solver {solver!r} is not installed; available: {cp.installed_solvers()}")
+        if not isinstance(cvxpy_solver, str) or cvxpy_solver.upper() not in cp.installed_solvers():
+            raise ValueError(f"cvxpy_solver {cvxpy_solver!r} is not installed; available: "
+                             f"{cp.installed_solvers()}")
         self.update_every, self.optim_niter = update_every, optim_niter
-        self.max_norm, self.solver = float(max_norm), solver.upper()
+        self.max_norm = 0.0 if max_norm is None else float(max_norm)
+        self.cvxpy_solver = cvxpy_solver.upper()
         self.reset()
+
+    @property
+    def solver(self) -> str:
+        """Deprecated name of :attr:`cvxpy_solver`."""
+        return self.cvxpy_solver
 
     def reset(self) -> None:
         """Forget the warm start and the last weights."""
@@ -140,7 +163,7 @@ class NashMTL(Method):
             try:
                 # no solver-level warm start: the result must depend on (M, a^t) only, so that
                 # a checkpoint reloaded into a fresh process continues bit for bit
-                prob.solve(solver=self.solver, warm_start=False)
+                prob.solve(solver=self.cvxpy_solver, warm_start=False)
                 ok = prob.status in ("optimal", "optimal_inaccurate") and a.value is not None
                 new = None if not ok else np.asarray(a.value, dtype=np.float64)
                 # solvers can report "optimal" on infeasible data (huge a): check the constraints
@@ -151,12 +174,12 @@ class NashMTL(Method):
             if not ok:
                 if it == 1:
                     raise RuntimeError(
-                        f"Nash-MTL: the {self.solver} solver failed on the first iteration (status "
+                        f"Nash-MTL: the {self.cvxpy_solver} solver failed on the first iteration (status "
                         f"{prob.status!r}); the task gradients may be zero or exactly opposed. "
-                        "Try solver='SCS' or check the losses."
+                        "Try cvxpy_solver='SCS' or check the losses."
                     )
                 failures += 1
-                warnings.warn(f"Nash-MTL: {self.solver} failed at iteration {it}; using "
+                warnings.warn(f"Nash-MTL: {self.cvxpy_solver} failed at iteration {it}; using "
                               "the previous iterate of this step", RuntimeWarning, stacklevel=3)
                 break
             moved = float(np.linalg.norm(new - current))
@@ -193,7 +216,7 @@ class NashMTL(Method):
         extras: dict[str, Any] = {}
         if self.num_tasks and inputs.step % self.update_every != 0:
             alpha, pending = self.alpha.clone(), None
-            extras["reused"] = 1
+            extras["reused"] = True
         else:
             fro = float(torch.linalg.matrix_norm(gram))
             if not fro > 0.0:
@@ -226,7 +249,7 @@ class NashMTL(Method):
             if residual > 1e-3 and k != 2:
                 warnings.warn(f"Nash-MTL: max |a_i (M a)_i - 1| = {residual:.2e} after {nit} "
                               "iterations (raise optim_niter?)", RuntimeWarning, stacklevel=2)
-            extras.update(reused=0, solver_iterations=nit, solver_failures=failures,
+            extras.update(reused=False, solver_iterations=nit, solver_failures=failures,
                           residual=residual)
         norm = float(alpha @ gram @ alpha) ** 0.5
         clip = min(1.0, self.max_norm / (norm + 1e-6)) if self.max_norm > 0 else 1.0
@@ -255,4 +278,4 @@ class NashMTL(Method):
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"update_every": self.update_every, "optim_niter": self.optim_niter,
-                "max_norm": self.max_norm, "solver": self.solver}
+                "max_norm": self.max_norm, "cvxpy_solver": self.cvxpy_solver}

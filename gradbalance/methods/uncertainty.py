@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from gradbalance.methods.adam import adam_update
 from gradbalance.methods.base import (
     Aggregation,
     Method,
     TaskInputs,
+    check_number,
     register,
     register_factory,
     state_keys,
@@ -21,7 +23,6 @@ __all__ = ["UW"]
 
 KINDS = {"regression": 0.5, "classification": 1.0}  # the factor c in front of exp(-s) L
 OPTIMIZERS = ("adam", "sgd")
-_BETAS, _EPS = (0.9, 0.999), 1e-8
 
 
 @register("uw", "Uncertainty weighting (Kendall et al. 2018): learned homoscedastic log-variances")
@@ -35,8 +36,18 @@ class UW(Method):
     total with respect to ``s_i`` is ``1/2 - c_i exp(-s_i) L_i`` (closed form, from the loss
     values), so the stationary point is ``s_i* = log(2 c_i L_i)`` (``log L_i`` for regression).
 
+    Which form a task takes follows its likelihood: a Gaussian (L1/L2-type regression loss,
+    eq. 7, ``1 / (2 sigma^2)``) or a Boltzmann/softmax one (cross-entropy, binary or not,
+    eq. 10, ``1 / sigma^2``). For the seed scenario (L1 age, BCE gender, CE race):
+    ``UW(kind={"age": "regression", "gender": "classification", "race": "classification"})``
+    with the losses passed as a dict under those names. LibMTL's UW uses the regression form
+    for every task (``1 / (2 sigma^2) L + log sigma``), which is ``kind="regression"``, the
+    default.
+
     Args:
-        kind: ``"regression"`` (default), ``"classification"``, or one of them per task.
+        kind: ``"regression"`` (default), ``"classification"``, one of them per task (a list,
+            in the order of the losses), or a dict ``{task name: kind}`` (every task of a step
+            must be named in it; a task the dict does not name raises ``ValueError``).
         init: initial ``s_i`` (a float, default 0.0, or one per task).
         lr: learning rate ``> 0`` of the method's own optimizer for ``s`` (default 0.01: with
             Adam, ``s`` moves by about ``lr`` per step, i.e. each weight by about 1%).
@@ -73,16 +84,22 @@ class UW(Method):
 
     requires = "losses"
 
-    def __init__(self, kind: str | Sequence[str] = "regression", init: float | Sequence[float] = 0.0,
-                 lr: float = 0.01, optimizer: str = "adam") -> None:
-        kinds = [kind] if isinstance(kind, str) else list(kind)
+    def __init__(self, kind: str | Sequence[str] | Mapping[str, str] = "regression",
+                 init: float | Sequence[float] = 0.0, lr: float = 0.01, optimizer: str = "adam") -> None:
+        self._kind_map: dict[str, str] | None = None
+        if isinstance(kind, Mapping):
+            self._kind_map = {str(n): kd for n, kd in kind.items()}
+            kinds = list(self._kind_map.values())
+        else:
+            kinds = [kind] if isinstance(kind, str) else list(kind)
         if not kinds or any(kd not in KINDS for kd in kinds):
-            raise ValueError(f"kind must be 'regression', 'classification' or a list of them, got {kind!r}")
+            raise ValueError("kind must be 'regression', 'classification', a list of them or a dict "
+                             f"{{task name: kind}}, got {kind!r}")
         inits = [init] if isinstance(init, (int, float)) else list(init)
-        if not inits or not all(isinstance(v, (int, float)) and abs(float(v)) < float("inf") for v in inits):
+        if not inits or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                and abs(float(v)) < float("inf") for v in inits):
             raise ValueError(f"init must be a finite float or a list of them, got {init!r}")
-        if not float(lr) > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        lr = check_number("lr", lr, positive=True)
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         self.kind, self.init, self.lr, self.optimizer = kind, init, float(lr), optimizer
@@ -113,7 +130,14 @@ class UW(Method):
         index = torch.tensor([tasks.index(n) for n in names])
         losses = inputs.losses.detach().double()
         n_all = len(tasks)
-        c_all = self._per_task([KINDS[kd] for kd in self._kinds], n_all, "kind")
+        if self._kind_map is not None:
+            missing = [n for n in tasks if n not in self._kind_map]
+            if missing:
+                raise ValueError(f"UW: kind gives no kind for task(s) {missing} (it names "
+                                 f"{sorted(self._kind_map)})")
+            c_all = torch.tensor([KINDS[self._kind_map[n]] for n in tasks], dtype=torch.float64)
+        else:
+            c_all = self._per_task([KINDS[kd] for kd in self._kinds], n_all, "kind")
         s_all = torch.cat([self._s, self._per_task(self._inits, n_all, "init")[len(self._tasks):]])
         s, c = s_all[index].to(losses.device), c_all[index].to(losses.device)
         weights = c * torch.exp(-s)
@@ -137,12 +161,10 @@ class UW(Method):
             s[index] = s[index] - self.lr * grad
             self._s = s
             return
-        b1, b2 = _BETAS
-        m = self._m[index] = b1 * self._m[index] + (1 - b1) * grad
-        v = self._v[index] = b2 * self._v[index] + (1 - b2) * grad * grad
-        t = self._t[index].double()
-        m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
-        s[index] = s[index] - self.lr * m_hat / (v_hat.sqrt() + _EPS)
+        # Adam with eps after the bias correction (Adam paper's Algorithm 1; module adam)
+        s[index], self._m[index], self._v[index] = adam_update(
+            s[index], grad, self._m[index], self._v[index], self._t[index].double(),
+            lr=self.lr, eps_placement="kingma")
         self._s = s
 
     def state_dict(self) -> dict[str, Any]:

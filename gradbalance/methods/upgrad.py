@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from gradbalance.cone import project_weights
-from gradbalance.methods.base import Aggregation, Method, TaskInputs, register
+from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_number, register
 
 __all__ = ["UPGrad", "check_pref"]
 
@@ -71,9 +71,7 @@ class UPGrad(Method):
 
     def __init__(self, pref: Sequence[float] | None = None, reg: float = 0.0) -> None:
         self.pref = check_pref(pref, "UPGrad")
-        if not reg >= 0.0:
-            raise ValueError(f"reg must be >= 0, got {reg}")
-        self.reg = float(reg)
+        self.reg = check_number("reg", reg, minimum=0.0)
 
     def aggregate(self, inputs: TaskInputs) -> Aggregation:
         p = pref_vector(self.pref, inputs)

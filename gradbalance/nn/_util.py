@@ -73,3 +73,22 @@ def corresponding_parameters(towers: Any, what: str = "towers",
             raise ValueError(f"parameter {name!r} is the same tensor in several {what}; give each task its own copy")
         groups.append((name, ps))
     return groups
+
+
+def default_gate_input(x: Tensor, in_features: int, owner: str, experts: int | str) -> Tensor:
+    """The input of default linear gates ``nn.Linear(in_features, experts)``: ``x`` flattened per
+    example (an image batch ``(N, C, H, W)`` becomes ``(N, C*H*W)``), checked against ``in_features``.
+
+    Raises:
+        ValueError: ``x`` has no batch dimension or the wrong number of features per example; the
+            message names ``owner``, the input's shape and what to pass instead.
+    """
+    flat = x.flatten(1) if x.ndim > 1 else x
+    if x.ndim < 2 or flat.shape[1] != in_features:
+        raise ValueError(
+            f"{owner}'s default gates are nn.Linear(in_features={in_features}, {experts}) on the input "
+            f"flattened per example, but the input has shape {tuple(x.shape)} "
+            f"({flat.shape[1] if x.ndim > 1 else 'no batch dimension'} features per example): pass "
+            "in_features equal to the product of the non-batch dimensions, or gates= of your own"
+        )
+    return flat

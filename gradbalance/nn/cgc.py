@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradbalance.nn._util import task_dict, unique
+from gradbalance.nn._util import default_gate_input, task_dict, unique
 
 __all__ = ["CGC"]
 
@@ -28,16 +28,19 @@ class CGC(nn.Module):
     a task's own experts, gate and tower are its task parameters. With no task-specific experts
     this is :class:`~gradbalance.nn.MMoE` over the shared experts.
 
-    Not implemented: PLE's stacking of several CGC levels (with a shared gate feeding the next
-    level); stack CGC blocks by hand if needed.
+    PLE's stacking of several CGC levels (with a shared gate feeding the next level) is
+    :class:`~gradbalance.nn.PLE`; with one level it equals this block.
 
     Args:
         shared_experts: list of modules (at least one) mapping the input to ``(N, d)``.
         task_experts: ``{task: [modules]}`` with the same task names as ``towers`` (lists may
             be empty), or a list of lists in the towers' order.
         towers: ``{task: module}`` or a list (tasks ``task0``, ``task1``, ...).
-        in_features: input size of the default linear gates; needed unless ``gates`` is given.
-        gates: optional ``{task: module}`` giving ``m_t + m_s`` logits per example.
+        in_features: the number of input features per example, read by the default linear gates
+            (on the input flattened per example: an image batch ``(N, C, H, W)`` needs
+            ``C * H * W``); needed unless ``gates`` is given.
+        gates: optional ``{task: module}`` giving ``m_t + m_s`` logits per example; they get the
+            input as it is (no flattening).
 
     Example:
         >>> import torch, gradbalance as gb
@@ -74,6 +77,8 @@ class CGC(nn.Module):
             raise ValueError(f"task_experts must name the tasks {names}, got {list(task_experts)}")
         self.task_experts = nn.ModuleDict({t: nn.ModuleList(list(task_experts[t])) for t in names})
         sizes = {t: len(self.task_experts[t]) + len(self.shared_experts) for t in names}
+        # the default gates read the input flattened per example, and check its size
+        self._gate_features: int | None = in_features if gates is None else None
         if gates is None:
             if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
                 raise ValueError(f"in_features must be a positive int when gates=None, got {in_features!r}")
@@ -94,7 +99,16 @@ class CGC(nn.Module):
         return list(self.towers.keys())
 
     def gate_weights(self, x: Tensor) -> dict[str, Tensor]:
-        """``{task: (N, m_t + m_s)}`` mixing weights over [own experts, shared experts]."""
+        """``{task: (N, m_t + m_s)}`` mixing weights over [own experts, shared experts].
+
+        The default gates read ``x`` flattened per example (an image batch needs
+        ``in_features = C * H * W``); gates of your own get ``x`` as it is.
+
+        Raises:
+            ValueError: the default gates get an input whose per-example size is not ``in_features``.
+        """
+        if self._gate_features is not None:
+            x = default_gate_input(x, self._gate_features, "CGC", "m_t + m_s")
         return {t: torch.softmax(g(x), dim=-1) for t, g in self.gates.items()}
 
     def forward(self, x: Tensor, return_features: bool = False) -> Any:

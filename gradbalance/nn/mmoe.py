@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradbalance.nn._util import task_dict, unique
+from gradbalance.nn._util import default_gate_input, task_dict, unique
 
 __all__ = ["MMoE"]
 
@@ -103,16 +103,7 @@ class MMoE(nn.Module):
                 ``in_features``.
         """
         if self._gate_features is not None:
-            flat = x.flatten(1) if x.ndim > 1 else x
-            if x.ndim < 2 or flat.shape[1] != self._gate_features:
-                raise ValueError(
-                    f"MMoE's default gates are nn.Linear(in_features={self._gate_features}, "
-                    f"{len(self.experts)}) on the input flattened per example, but the input has shape "
-                    f"{tuple(x.shape)} ({flat.shape[1] if x.ndim > 1 else 'no batch dimension'} features "
-                    "per example): pass in_features equal to the product of the non-batch dimensions, "
-                    "or gates= of your own"
-                )
-            x = flat
+            x = default_gate_input(x, self._gate_features, "MMoE", len(self.experts))
         return {t: torch.softmax(g(x), dim=-1) for t, g in self.gates.items()}
 
     def forward(self, x: Tensor, return_features: bool = False) -> Any:

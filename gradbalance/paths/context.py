@@ -157,6 +157,8 @@ class StepResult:
         window: the window after this call.
         gram: the Gram matrix the method saw (diagnostics), or ``None``.
         walk_is_blind: this call needed ``autograd.grad`` to confirm the losses' reach.
+        gram_failed: why the Gram engine raised (this call took the exact path; the balancer
+            switches the Gram engine off for good if the call succeeds), or ``""``.
         batched_failed: why the batched engine raised (this call reran with the loop; the
             balancer switches to the loop for good if the call succeeds), or ``""``.
         weights_changed: a path that writes each call with its own weights saw them change
@@ -172,6 +174,7 @@ class StepResult:
     gram: Tensor | None = None
     walk_is_blind: bool = False
     batched_failed: str = ""
+    gram_failed: str = ""
     weights_changed: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
 

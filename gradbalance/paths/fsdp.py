@@ -16,7 +16,7 @@ from torch import Tensor
 from gradbalance import distributed as distributed_mod
 from gradbalance import jacobian
 from gradbalance.paths.context import StepContext, StepResult
-from gradbalance.paths.grads import GradWrite, check_finite_grads, checked_gram, combine_heads
+from gradbalance.paths.grads import GradWrite, check_finite_grads, checked_gram, clip_shared, combine_heads
 
 __all__ = ["fsdp_step"]
 
@@ -57,6 +57,9 @@ def _losses(ctx: StepContext) -> StepResult:
     losses = ctx.total(ctx.reducer.mean(ctx.call))
     agg = ctx.aggregate(losses)
     assert agg.weights is not None
+    if agg.max_norm is not None and ctx.shared is None:
+        raise ValueError(f"{ctx.label} clips the shared gradient (max_norm): under FSDP pass "
+                         "shared_params explicitly (they cannot be inferred), or max_norm=None")
     totals = [torch.stack(values).mul(agg.weights.to(values[0].dtype)).sum()]
     if agg.head_weights is not None:
         totals.append(torch.stack(values).mul(agg.head_weights.to(values[0].dtype)).sum())
@@ -67,9 +70,14 @@ def _losses(ctx: StepContext) -> StepResult:
         grads = [g if id(p) in ids else h for p, g, h in zip(params, grads, passes[1])]
     grads = _mean_unsharded(ctx, grads, params)
     check_finite_grads(grads, ctx.names)
+    extras: dict[str, float] = {}
+    if agg.max_norm is not None:
+        grads, extras = clip_shared(values, params, grads, ctx.shared, agg.max_norm, ctx.scaling.factor,
+                                    sum_across=_sync(ctx).sum_)
     return StepResult(
         aggregation=agg, losses=losses, engine="losses", write=GradWrite(params, grads),
         window=ctx.window.extended(losses, agg), weights_changed=ctx.window.weights_changed(agg.weights),
+        extras=extras,
     )
 
 

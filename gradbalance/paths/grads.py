@@ -6,7 +6,7 @@ builds it and the balancer applies it as the last act of a successful call.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +16,8 @@ from gradbalance import distributed as distributed_mod
 from gradbalance import jacobian
 from gradbalance.errors import NonFiniteError
 
-__all__ = ["GradWrite", "checked_gram", "columns", "combine_heads", "check_finite_grads", "reweight_heads"]
+__all__ = ["GradWrite", "check_finite_grads", "checked_gram", "clip_shared", "columns", "combine_heads",
+           "reweight_heads"]
 
 
 def checked_gram(gram: Tensor, names: Sequence[str]) -> Tensor:
@@ -58,6 +59,53 @@ def _l1_total(grads: list[Tensor]) -> Tensor:
     if foreach is not None and same:
         return torch.stack(foreach(grads, 1)).sum()
     return torch.stack([g.float().abs().sum() for g in grads]).sum()
+
+
+def clip_shared(
+    values: Sequence[Tensor], params: Sequence[Tensor], grads: list[Tensor | None], shared: Sequence[Tensor] | None,
+    max_norm: float, scale: float, sum_across: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[list[Tensor | None], dict[str, float]]:
+    """``Aggregation.max_norm``: ``clip_grad_norm_`` of this call's shared gradients.
+
+    The shared parameters are ``shared`` when known, else those reached by two or more losses
+    (inferred here without being stored). ``scale``: the GradScaler's factor (the norm compared
+    with ``max_norm`` is the unscaled one). ``sum_across`` (FSDP): sums a tensor over the ranks,
+    which each hold a shard of a sharded parameter's gradient and the whole (already averaged)
+    gradient of an unsharded one. Returns the gradients and ``{"update_norm", "clip"}``.
+    """
+    if shared is None:
+        hits = [jacobian.reached_parameters(v, params) for v in values]
+        shared = [p for j, p in enumerate(params) if sum(h[j] for h in hits) >= min(2, len(values))]
+    ids = {id(p) for p in shared}
+    idx = [j for j, p in enumerate(params) if id(p) in ids and grads[j] is not None]
+    if sum_across is not None:
+        sharded = [j for j in idx if distributed_mod.is_sharded(params[j])]
+        first = grads[idx[0]] if idx else None
+        device = distributed_mod.local(first if first is not None else params[0]).device
+        sq = torch.zeros(1, dtype=torch.float64, device=device)
+        for j in sharded:
+            sq += distributed_mod.local(_present(grads[j])).double().pow(2).sum()
+        sq = sum_across(sq)  # a collective: every rank calls it
+        for j in idx:
+            if j not in sharded:
+                sq += _present(grads[j]).double().pow(2).sum()
+        norm = float(sq.sqrt()) / scale
+    elif not idx:
+        return grads, {}
+    else:
+        norm = float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(_present(grads[j])) for j in idx]))) / scale
+    factor = min(1.0, float(max_norm) / (norm + 1e-6))
+    if factor < 1.0:
+        grads = list(grads)
+        for j in idx:
+            grads[j] = _present(grads[j]) * factor
+    return grads, {"update_norm": norm * factor, "clip": factor}
+
+
+def _present(g: Tensor | None) -> Tensor:
+    assert g is not None  # only indices of present gradients are passed
+    return g
 
 
 def columns(shared: Sequence[Tensor], subset: Sequence[Tensor]) -> Tensor:

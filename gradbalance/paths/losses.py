@@ -8,7 +8,8 @@ Top to bottom: (1) every loss reaches a shared parameter (a graph walk, every ca
 shared parameters are inferred, which loss-only methods never need, nothing is checked);
 (2) ``losses`` = window totals after this call (rank-averaged); (3) the method's weights (or the
 reused ones); (4) the weighted backward; (5) the heads' own weights; (6) average the gradients
-over the ranks; (7) NaN/inf check; (8) the write: added to ``.grad`` like ``loss.backward()``.
+over the ranks; (7) NaN/inf check; (7b) the method's ``max_norm`` clip of the shared gradients
+(FAMO's official code); (8) the write: added to ``.grad`` like ``loss.backward()``.
 The window keeps only the loss totals: earlier calls are not re-weighted (exact when the weights
 do not change within the window; otherwise the balancer warns once).
 """
@@ -19,7 +20,7 @@ from gradbalance import jacobian
 from gradbalance.inputs import check_reach
 from gradbalance.methods.base import Aggregation
 from gradbalance.paths.context import StepContext, StepResult
-from gradbalance.paths.grads import GradWrite, check_finite_grads, reweight_heads
+from gradbalance.paths.grads import GradWrite, check_finite_grads, clip_shared, reweight_heads
 
 __all__ = ["losses_step"]
 
@@ -39,6 +40,10 @@ def losses_step(ctx: StepContext, reused: Aggregation | None = None) -> StepResu
         grads = reweight_heads(ctx.values, ctx.params, grads, ctx.shared, agg.head_weights)
     grads = ctx.reducer.mean_present(grads, ctx.params)  # autograd.grad fired no DDP hook
     check_finite_grads(grads, ctx.names)
+    extras: dict[str, float] = {} if reused is None else {"reused": 1}
+    if agg.max_norm is not None:  # the method asks for the official code's clip (FAMO)
+        grads, clipped = clip_shared(ctx.values, ctx.params, grads, ctx.shared, agg.max_norm, ctx.scaling.factor)
+        extras.update(clipped)
     return StepResult(
         aggregation=agg,
         losses=losses,
@@ -47,5 +52,5 @@ def losses_step(ctx: StepContext, reused: Aggregation | None = None) -> StepResu
         window=ctx.window.extended(losses, agg, commit=reused is None),
         walk_is_blind=blind,
         weights_changed=ctx.window.weights_changed(weights),
-        extras={} if reused is None else {"reused": 1},
+        extras=extras,
     )
