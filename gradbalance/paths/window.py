@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -69,6 +70,11 @@ class Window:
         return cls(names=names)
 
     # ------------------------------------------------------------------ reading
+    @property
+    def pending(self) -> Any:
+        """The method state the optimizer step will commit (the last call's ``pending``)."""
+        return None if self.aggregation is None else self.aggregation.pending
+
     def total(self, call: Tensor) -> Tensor:
         """The window's losses after a call whose (rank-averaged) losses are ``call``."""
         return call if self.losses is None else call + self.losses
