@@ -98,7 +98,7 @@ def test_validation():
         DBMTL().aggregate(_inputs(torch.ones(2, 3), [1.0, 0.0]))
     method = DBMTL()
     method.commit(method.aggregate(_inputs(torch.ones(2, 3), [1.0, 1.0])).pending)
-    with pytest.raises(ValueError, match="2 tasks but got 3"):
+    with pytest.raises(ValueError, match="2 tasks but this step has 3"):
         method.aggregate(_inputs(torch.ones(3, 3), [1.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match="reset"):
         method.aggregate(_inputs(torch.ones(2, 4), [1.0, 1.0]))

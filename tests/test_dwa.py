@@ -99,7 +99,7 @@ def test_errors():
         DWA(window="batch")
     m = DWA(window="step")
     run(m, [1.0, 1.0])
-    with pytest.raises(ValueError, match="2 tasks but got 3"):
+    with pytest.raises(ValueError, match="2 tasks but this step has 3"):
         run(m, [1.0, 1.0, 1.0])
     run(m, [0.0, 1.0])  # a zero average: fine as a numerator ...
     run(m, [1.0, 1.0])

@@ -118,7 +118,7 @@ def test_validation():
         FAMO(min_losses=[0.0, 0.0]).aggregate(TaskInputs(losses=torch.ones(3, dtype=torch.float64)))
     method = FAMO()
     _step(method, [1.0, 2.0])
-    with pytest.raises(ValueError, match="2 tasks but got 3"):
+    with pytest.raises(ValueError, match="2 tasks but this step has 3"):
         _step(method, [1.0, 2.0, 3.0])
     assert repr(FAMO()) == "FAMO(lr=0.025, gamma=0.001, min_losses=0.0, max_norm=1.0)"
 
@@ -286,3 +286,23 @@ def test_clip_under_a_grad_scaler_is_the_unscaled_clip():
         results.append([p.detach().clone() for p in params])
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["famo", "nash_mtl", "gradvac", "db_mtl", "imtl"])
+def test_a_missing_task_is_refused_with_what_to_do_instead(name):
+    """Positional per-task state: a task given as None is refused, and the message does not tell the
+    user to do what they just did (pass a dict with None)."""
+    model = MultiTaskNet(3)
+    opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.01), name, shared_params=model.trunk)
+    for step in range(2):
+        z, losses = task_losses(model, *make_batch(3, seed=step))
+        named = {"a": losses[0], "b": losses[1], "c": None if step == 1 else losses[2]}
+        if step == 0:
+            opt.backward(named, features=z)
+            opt.step()
+            opt.zero_grad()
+            continue
+        with pytest.raises(ValueError, match="cannot skip or add a task") as err:
+            opt.backward(named, features=z)
+        assert "None in a dict of losses counts as missing" in str(err.value)
+        assert all(p.grad is None for p in model.parameters())

@@ -128,7 +128,7 @@ def test_errors():
         GradNorm().aggregate(TaskInputs(losses=torch.tensor([0.0, 1.0], dtype=D), gram=torch.eye(2, dtype=D)))
     m = GradNorm()
     step(m, [1.0, 1.0], [1.0, 1.0])
-    with pytest.raises(ValueError, match="2 tasks but got 3"):
+    with pytest.raises(ValueError, match="2 tasks but this step has 3"):
         step(m, [1.0, 1.0, 1.0], [1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="keys"):
         m.load_state_dict({"w": torch.ones(2)})

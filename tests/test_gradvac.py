@@ -129,7 +129,7 @@ def test_validation():
         GradVac().aggregate(_inputs(torch.ones(1, 3, dtype=torch.float64)))
     method = GradVac()
     method.commit(method.aggregate(_inputs(torch.eye(3, dtype=torch.float64))).pending)
-    with pytest.raises(ValueError, match="3 tasks but got 2"):
+    with pytest.raises(ValueError, match="3 tasks but this step has 2"):
         method.aggregate(_inputs(torch.eye(2, dtype=torch.float64)))
     with pytest.raises(ValueError, match="keys"):
         method.load_state_dict({"generator": torch.Generator().get_state()})

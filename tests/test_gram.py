@@ -504,11 +504,11 @@ def test_quick_benchmark_runs_and_agrees_with_the_loop(tmp_path, monkeypatch):
     assert tjd["status"] == "ok" or tjd["status"].startswith("skipped")
 
 
-def test_update_every_reuses_the_gram_engines_weights():
+def test_recompute_every_reuses_the_gram_engines_weights():
     model = MultiTaskNet(3)
     x, y = make_batch(3)
     opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.0), "mgda", shared_params=model.trunk,
-                         engine="gram", update_every=2)
+                         engine="gram", recompute_every=2)
     infos = []
     for _ in range(3):
         opt.zero_grad()

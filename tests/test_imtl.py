@@ -77,7 +77,7 @@ def test_aggregate_is_pure_and_task_count_is_checked():
     method.aggregate(inputs_for(random_gradients(3)))
     assert all(torch.equal(before[k], v) if torch.is_tensor(v) else before[k] == v
                for k, v in method.state_dict().items())
-    with pytest.raises(ValueError, match="3 tasks but got 2"):
+    with pytest.raises(ValueError, match="3 tasks but this step has 2"):
         method.aggregate(inputs_for(random_gradients(2)))
 
 

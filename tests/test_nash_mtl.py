@@ -111,7 +111,7 @@ def test_solver_failure_raises_and_changes_nothing(grads):
 def test_task_count_is_checked():
     method = NashMTL()
     method.commit(method.aggregate(inputs_for(random_gradients(3))).pending)
-    with pytest.raises(ValueError, match="3 tasks but got 2"):
+    with pytest.raises(ValueError, match="3 tasks but this step has 2"):
         method.aggregate(inputs_for(random_gradients(2)))
 
 

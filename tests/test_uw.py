@@ -98,7 +98,7 @@ def test_errors():
         UW(kind=KINDS).aggregate(TaskInputs(losses=torch.ones(4, dtype=D)))
     m = UW()
     m.commit(m.aggregate(TaskInputs(losses=torch.ones(2, dtype=D))).pending)
-    with pytest.raises(ValueError, match="2 tasks but got 4"):
+    with pytest.raises(ValueError, match="2 tasks but this step has 4"):
         m.aggregate(TaskInputs(losses=torch.ones(4, dtype=D)))
 
 

@@ -256,10 +256,11 @@ def check_num_tasks(expected: int | None, got: int, method: str) -> None:
     """Raise the standard error when a method with per-task state sees a new number of tasks."""
     if expected is not None and expected != got:
         raise ValueError(
-            f"{method} keeps per-task state for {expected} tasks but got {got} losses; "
-            "the number of tasks must not change between steps (pass losses as a dict with "
-            "None for missing tasks where the method keys its state by task name, or start a new "
-            "method object)"
+            f"{method} keeps per-task state for {expected} tasks but this step has {got}. Its state is "
+            f"positional, so it cannot skip or add a task (a task given as None in a dict of losses "
+            f"counts as missing): pass all {expected} tasks at every step, or start a new method object "
+            "for a new task set. Methods that key their state by task name (uw, gradnorm, dwa, and the "
+            "stateless ones) accept a task missing from a step."
         )
 
 
