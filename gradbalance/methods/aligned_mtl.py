@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from gradbalance.methods.base import Aggregation, Method, TaskInputs, register, register_factory
+from gradbalance.methods.base import Aggregation, Method, TaskInputs, register, register_factory, require_gram
 
 __all__ = ["AlignedMTL", "aligned_weights"]
 
@@ -87,7 +87,7 @@ class AlignedMTL(Method):
         self.scale, self.mode, self.scale_heads = scale, mode, scale_heads
 
     def aggregate(self, inputs: TaskInputs) -> Aggregation:
-        w, lam = aligned_weights(inputs.gram, self.scale)
+        w, lam = aligned_weights(require_gram(inputs, "AlignedMTL"), self.scale)
         alpha = w.sum(dim=1).to(inputs.losses.device)
         heads = alpha if self.scale_heads else torch.ones_like(alpha)
         return Aggregation(weights=alpha, head_weights=heads, extras={"rank": int(lam.numel())})

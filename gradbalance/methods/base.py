@@ -278,6 +278,22 @@ def state_keys(inputs: TaskInputs, tasks: Sequence[str], method: str) -> list[st
     return list(inputs.task_names) or [f"task{i}" for i in range(k)]
 
 
+def require_gram(inputs: TaskInputs, method: str) -> Tensor:
+    """``inputs.gram`` for a ``requires="gram"`` method, or a clear error when a direct caller left it out
+    (the engine always fills it for such methods)."""
+    if inputs.gram is None:
+        raise ValueError(f"{method} needs the Gram matrix of the task gradients (inputs.gram), got None")
+    return inputs.gram
+
+
+def require_grads(inputs: TaskInputs, method: str) -> Tensor:
+    """``inputs.grads`` for a ``requires="grads"`` method, or a clear error when a direct caller left them out
+    (the engine always fills them for such methods)."""
+    if inputs.grads is None:
+        raise ValueError(f"{method} needs the (k, P) task gradients (inputs.grads), got None")
+    return inputs.grads
+
+
 def clip_factor(weights: Tensor, gram: Tensor, max_norm: float | None) -> tuple[float, float]:
     """``(norm, factor)`` of the update ``d = sum_i w_i g_i``: ``norm = sqrt(w^T M w)`` and the
     factor ``min(1, max_norm / (norm + 1e-6))`` by which ``torch.nn.utils.clip_grad_norm_``

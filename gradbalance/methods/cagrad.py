@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 
-from gradbalance.methods.base import Aggregation, Method, TaskInputs, register
+from gradbalance.methods.base import Aggregation, Method, TaskInputs, register, require_gram
 
 __all__ = ["CAGrad"]
 
@@ -102,7 +102,7 @@ class CAGrad(Method):
         return w, lam, int(res.nit)
 
     def aggregate(self, inputs: TaskInputs) -> Aggregation:
-        w, lam, nit = self.solve(inputs.gram)
+        w, lam, nit = self.solve(require_gram(inputs, "CAGrad"))
         factor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
         weights = torch.from_numpy((1.0 / len(w) + lam * w) / factor).to(inputs.losses.device)
         return Aggregation(

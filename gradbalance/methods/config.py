@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from gradbalance.methods.base import Aggregation, Method, TaskInputs, register
+from gradbalance.methods.base import Aggregation, Method, TaskInputs, register, require_gram
 
 __all__ = ["ConFIG"]
 
@@ -73,7 +73,7 @@ class ConFIG(Method):
 
     def aggregate(self, inputs: TaskInputs) -> Aggregation:
         device = inputs.losses.device
-        gram = inputs.gram.detach().to("cpu", torch.float64)
+        gram = require_gram(inputs, "ConFIG").detach().to("cpu", torch.float64)
         k = gram.shape[0]
         norms = gram.diagonal().clamp_min(0).sqrt()
         inv = torch.where(norms > 0, 1 / torch.where(norms > 0, norms, 1), 0)

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_num_tasks, register
+from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_num_tasks, register, require_grads
 
 __all__ = ["DBMTL"]
 
@@ -84,7 +84,7 @@ class DBMTL(Method):
         return {"beta": self.beta, "beta_sigma": self.beta_sigma}
 
     def aggregate(self, inputs: TaskInputs) -> Aggregation:
-        grads, losses = inputs.grads, inputs.losses
+        grads, losses = require_grads(inputs, "DB-MTL"), inputs.losses
         k = grads.shape[0]
         if self._ema.numel():
             check_num_tasks(self._ema.shape[0], k, "DB-MTL")

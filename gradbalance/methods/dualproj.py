@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from gradbalance.cone import project_weights
-from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_number, register
+from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_number, register, require_gram
 from gradbalance.methods.upgrad import check_pref, pref_vector
 
 __all__ = ["DualProj"]
@@ -54,7 +54,7 @@ class DualProj(Method):
 
     def aggregate(self, inputs: TaskInputs) -> Aggregation:
         p = pref_vector(self.pref, inputs)
-        w = project_weights(inputs.gram, p, reg=self.reg)
+        w = project_weights(require_gram(inputs, "DualProj"), p, reg=self.reg)
         w = w.to(inputs.losses.device)
         return Aggregation(weights=w, head_weights=torch.ones_like(w))
 

@@ -69,6 +69,13 @@ class DWA(Method):
     #: committed steps without any ``epoch_end()`` call after which DWA warns once (``None``: never)
     epoch_warning_steps: int | None = 1000
 
+    # state, set by load_state_dict (a fresh method loads {})
+    _tasks: list[str]
+    _sum: torch.Tensor
+    _count: torch.Tensor
+    _history: torch.Tensor
+    _averages: torch.Tensor
+
     def __init__(self, temperature: float = 2.0, window: str = "epoch") -> None:
         temperature = check_number("temperature", temperature, positive=True)
         if window not in WINDOWS:
@@ -151,7 +158,7 @@ class DWA(Method):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:  # a fresh method
-            self._tasks: list[str] = []
+            self._tasks = []
             self._sum, self._history = torch.zeros(0, dtype=torch.float64), torch.zeros(2, 0, dtype=torch.float64)
             self._count = torch.zeros(0, dtype=torch.int64)
             self._averages = torch.zeros(0, dtype=torch.int64)

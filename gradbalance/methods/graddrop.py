@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from gradbalance.methods.base import Aggregation, SeededMethod, TaskInputs, register
+from gradbalance.methods.base import Aggregation, SeededMethod, TaskInputs, register, require_grads
 
 __all__ = ["GradDrop"]
 
@@ -89,7 +89,7 @@ class GradDrop(SeededMethod):
         return 0.5 * (1 + ratio)
 
     def aggregate(self, inputs: TaskInputs) -> Aggregation:
-        grads = inputs.grads
+        grads = require_grads(inputs, "GradDrop")
         k = grads.shape[0]
         if isinstance(self.leak, tuple) and len(self.leak) != k:
             raise ValueError(f"leak has {len(self.leak)} entries but got {k} losses")

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from gradbalance.methods.adam import adam_update
-from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_number, register, state_keys
+from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_number, register, require_gram, state_keys
 
 __all__ = ["GradNorm", "last_shared_layer"]
 
@@ -119,6 +119,14 @@ class GradNorm(Method):
 
     requires = "gram"
 
+    # state, set by load_state_dict (a fresh method loads {})
+    _tasks: list[str]
+    _w: Tensor
+    _l0: Tensor
+    _m: Tensor
+    _v: Tensor
+    _t: Tensor
+
     def __init__(self, alpha: float = 1.5, lr: float = 0.025, layer: int | Tensor | None = None,
                  optimizer: str = "adam") -> None:
         alpha, lr = check_number("alpha", alpha, minimum=0.0), check_number("lr", lr, positive=True)
@@ -187,7 +195,7 @@ class GradNorm(Method):
         l0 = torch.where(is_new, losses, self._l0[rows].to(losses.device)) if self._tasks else losses
         if bool((l0 <= 0).any()):
             raise ValueError(f"GradNorm needs positive losses (ratios to L(0)), got L(0) = {l0.tolist()}")
-        norms = inputs.gram.diagonal().double().clamp_min(0).sqrt()
+        norms = require_gram(inputs, "GradNorm").diagonal().double().clamp_min(0).sqrt()
         ratio = losses / l0
         mean = ratio.mean()  # all losses 0 (a perfect fit): every rate is equal
         r = ratio / mean if bool(mean > 0) else torch.ones_like(ratio)
@@ -242,7 +250,7 @@ class GradNorm(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:  # a fresh method
             empty = torch.zeros(0, dtype=torch.float64)
-            self._tasks: list[str] = []
+            self._tasks = []
             self._w, self._l0, self._m, self._v = empty, empty, empty, empty
             self._t = torch.zeros(0, dtype=torch.int64)
             return

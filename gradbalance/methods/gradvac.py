@@ -13,6 +13,7 @@ from gradbalance.methods.base import (
     check_num_tasks,
     generator_from_state,
     register,
+    require_gram,
 )
 
 __all__ = ["GradVac"]
@@ -123,7 +124,7 @@ class GradVac(Method):
         for i in range(k):
             others = [j for j in range(k) if j != i]
             orders.append([others[int(p)] for p in torch.randperm(k - 1, generator=gen)])
-        gram = inputs.gram.detach().to("cpu", torch.float64)
+        gram = require_gram(inputs, "GradVac").detach().to("cpu", torch.float64)
         coef, new, count = self.vaccinate(gram, targets, orders)
         device = inputs.losses.device
         return Aggregation(

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradbalance.methods.base import Aggregation, Method, TaskInputs, register
+from gradbalance.methods.base import Aggregation, Method, TaskInputs, register, require_gram
 
 __all__ = ["IMTLG", "imtl_g_weights"]
 
@@ -89,7 +89,7 @@ class IMTLG(Method):
         self.mode = mode
 
     def aggregate(self, inputs: TaskInputs) -> Aggregation:
-        alpha = imtl_g_weights(inputs.gram).to(inputs.losses.device)
+        alpha = imtl_g_weights(require_gram(inputs, "IMTLG")).to(inputs.losses.device)
         return Aggregation(weights=alpha, head_weights=torch.ones_like(alpha))
 
     def hyperparameters(self) -> dict[str, Any]:

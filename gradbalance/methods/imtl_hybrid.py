@@ -7,7 +7,15 @@ from typing import Any
 import torch
 
 from gradbalance.methods.adam import adam_update
-from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_num_tasks, check_number, register
+from gradbalance.methods.base import (
+    Aggregation,
+    Method,
+    TaskInputs,
+    check_num_tasks,
+    check_number,
+    register,
+    require_gram,
+)
 from gradbalance.methods.imtl import MODES, imtl_g_weights
 
 __all__ = ["IMTL"]
@@ -83,7 +91,7 @@ class IMTL(Method):
         k = inputs.num_tasks
         s = self._current(k).to(inputs.losses.device)
         scale = s.exp()
-        alpha = imtl_g_weights(inputs.gram * scale[:, None] * scale[None, :])
+        alpha = imtl_g_weights(require_gram(inputs, "IMTL") * scale[:, None] * scale[None, :])
         grad_s = scale * inputs.losses.double() - 1.0
         extras = {f"scale/{n}": float(v) for n, v in zip(inputs.task_names, scale.tolist())}
         return Aggregation(weights=alpha * scale, head_weights=scale, extras=extras,

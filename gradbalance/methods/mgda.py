@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from gradbalance.methods.base import Aggregation, Method, TaskInputs, register, register_factory
+from gradbalance.methods.base import Aggregation, Method, TaskInputs, register, register_factory, require_gram
 from gradbalance.solvers import MIN_NORM_SOLVERS, min_norm
 
 __all__ = ["MGDA"]
@@ -124,7 +124,7 @@ class MGDA(Method):
         return losses if self.normalization == "loss" else losses * norms
 
     def aggregate(self, inputs: TaskInputs) -> Aggregation:
-        gram = inputs.gram
+        gram = require_gram(inputs, "MGDA")
         s = self.scales(gram, inputs.losses)
         inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, 1.0), 0.0)  # zero gradient: stays 0
         result = min_norm(gram * inv[:, None] * inv[None, :], self.solver,

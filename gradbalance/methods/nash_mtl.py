@@ -9,7 +9,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_num_tasks, check_number, register
+from gradbalance.methods.base import (
+    Aggregation,
+    Method,
+    TaskInputs,
+    check_num_tasks,
+    check_number,
+    register,
+    require_gram,
+)
 
 __all__ = ["NashMTL"]
 
@@ -160,18 +168,20 @@ class NashMTL(Method):
             # problem whose solution is such a point (the official code gets an unbounded one)
             valid = bool(np.all(current > 0) and np.all(m_a > 0))
             c.value = 1.0 / current + m_n @ (1.0 / m_a) if valid else np.zeros_like(current)
+            new: np.ndarray | None = None  # this iteration's solution, None when the solver failed
             try:
                 # no solver-level warm start: the result must depend on (M, a^t) only, so that
                 # a checkpoint reloaded into a fresh process continues bit for bit
                 prob.solve(solver=self.cvxpy_solver, warm_start=False)
-                ok = prob.status in ("optimal", "optimal_inaccurate") and a.value is not None
-                new = None if not ok else np.asarray(a.value, dtype=np.float64)
-                # solvers can report "optimal" on infeasible data (huge a): check the constraints
-                ok = ok and bool(np.all(np.isfinite(new)) and np.all(new > 0)
-                                 and np.all(new * (m_n @ new) >= 1.0 - 1e-4))
+                if prob.status in ("optimal", "optimal_inaccurate") and a.value is not None:
+                    solved = np.asarray(a.value, dtype=np.float64)
+                    # solvers can report "optimal" on infeasible data (huge a): check the constraints
+                    if bool(np.all(np.isfinite(solved)) and np.all(solved > 0)
+                            and np.all(solved * (m_n @ solved) >= 1.0 - 1e-4)):
+                        new = solved
             except (cp.error.SolverError, ArithmeticError, ValueError):
-                ok = False
-            if not ok:
+                new = None
+            if new is None:
                 if it == 1:
                     raise RuntimeError(
                         f"Nash-MTL: the {self.cvxpy_solver} solver failed on the first iteration (status "
@@ -211,7 +221,8 @@ class NashMTL(Method):
     def aggregate(self, inputs: TaskInputs) -> Aggregation:
         k = inputs.num_tasks
         check_num_tasks(self.num_tasks or None, k, "NashMTL")
-        gram = inputs.gram.detach().double().cpu()
+        given = require_gram(inputs, "NashMTL")
+        gram = given.detach().double().cpu()
         gram = 0.5 * (gram + gram.T)
         extras: dict[str, Any] = {}
         if self.num_tasks and inputs.step % self.update_every != 0:
@@ -229,7 +240,7 @@ class NashMTL(Method):
             start = self.alpha_n.numpy() if self.num_tasks else first
             if k == 2:
                 try:
-                    a_n, nit, failures = self.solve_two(m_n, torch.finfo(inputs.gram.dtype).eps), 0, 0
+                    a_n, nit, failures = self.solve_two(m_n, torch.finfo(given.dtype).eps), 0, 0
                 except RuntimeError:
                     if not self.num_tasks:
                         raise

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from gradbalance.methods.base import Aggregation, SeededMethod, TaskInputs, register
+from gradbalance.methods.base import Aggregation, SeededMethod, TaskInputs, register, require_gram
 
 __all__ = ["PCGrad"]
 
@@ -96,8 +96,8 @@ class PCGrad(SeededMethod):
             raise ValueError(
                 f"PCGrad needs at least 2 task losses, got {k}: pass one loss per task, not their sum"
             )
+        gram = require_gram(inputs, "PCGrad").detach().to("cpu", torch.float64)
         gen = self.draw()
-        gram = inputs.gram.detach().to("cpu", torch.float64)
         coef, count = self.project(gram, self.orders(k, gen))
         scale = 1.0 if self.reduction == "sum" else 1.0 / k
         device = inputs.losses.device

@@ -84,6 +84,13 @@ class UW(Method):
 
     requires = "losses"
 
+    # state, set by load_state_dict (a fresh method loads {})
+    _tasks: list[str]
+    _s: Tensor
+    _m: Tensor
+    _v: Tensor
+    _t: Tensor
+
     def __init__(self, kind: str | Sequence[str] | Mapping[str, str] = "regression",
                  init: float | Sequence[float] = 0.0, lr: float = 0.01, optimizer: str = "adam") -> None:
         self._kind_map: dict[str, str] | None = None
@@ -174,7 +181,7 @@ class UW(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:  # a fresh method
             empty = torch.zeros(0, dtype=torch.float64)
-            self._tasks: list[str] = []
+            self._tasks = []
             self._s, self._m, self._v = empty, empty, empty
             self._t = torch.zeros(0, dtype=torch.int64)
             return

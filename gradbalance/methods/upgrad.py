@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from gradbalance.cone import project_weights
-from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_number, register
+from gradbalance.methods.base import Aggregation, Method, TaskInputs, check_number, register, require_gram
 
 __all__ = ["UPGrad", "check_pref"]
 
@@ -75,7 +75,7 @@ class UPGrad(Method):
 
     def aggregate(self, inputs: TaskInputs) -> Aggregation:
         p = pref_vector(self.pref, inputs)
-        v = project_weights(inputs.gram, torch.diag(p), reg=self.reg)
+        v = project_weights(require_gram(inputs, "UPGrad"), torch.diag(p), reg=self.reg)
         weights = v.sum(dim=1).to(inputs.losses.device)
         # number of task gradients that the projection changed (they conflicted with some task)
         moved = int((v - torch.diag(p) > 1e-12).any(dim=0).sum())

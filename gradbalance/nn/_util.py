@@ -23,12 +23,14 @@ def task_dict(modules: Any, what: str) -> nn.ModuleDict:
         raise TypeError(f"{what} must be a dict or a list of modules, got {type(modules).__name__}")
     if not items:
         raise ValueError(f"{what} is empty: give one module per task")
+    checked: dict[str, nn.Module] = {}
     for name, m in items:
         if not isinstance(m, nn.Module):
             raise TypeError(f"{what}[{name!r}] is a {type(m).__name__}, not an nn.Module")
         if not name or "." in name:
             raise ValueError(f"task names must be non-empty and contain no '.', got {name!r}")
-    return nn.ModuleDict(items)
+        checked[name] = m
+    return nn.ModuleDict(checked)
 
 
 def unique(params: Iterable[Tensor]) -> list[Tensor]:
@@ -63,9 +65,9 @@ def corresponding_parameters(towers: Any, what: str = "towers",
                 f"{what} must have the same architecture: tower 0 has parameters {names[:4]}..., "
                 f"tower {i} has {list(n)[:4]}..."
             )
-    groups = []
+    groups: list[tuple[str, list[Tensor]]] = []
     for name in names:
-        ps = [n[name] for n in named]
+        ps: list[Tensor] = [n[name] for n in named]
         shapes = {tuple(p.shape) for p in ps}
         if len(shapes) != 1:
             raise ValueError(f"parameter {name!r} has different shapes across {what}: {sorted(shapes)}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -75,8 +75,9 @@ class CGC(nn.Module):
             task_experts = dict(zip(names, task_experts))
         if sorted(task_experts) != sorted(names):
             raise ValueError(f"task_experts must name the tasks {names}, got {list(task_experts)}")
-        self.task_experts = nn.ModuleDict({t: nn.ModuleList(list(task_experts[t])) for t in names})
-        sizes = {t: len(self.task_experts[t]) + len(self.shared_experts) for t in names}
+        own_experts = {t: nn.ModuleList(list(task_experts[t])) for t in names}
+        self.task_experts = nn.ModuleDict(own_experts)
+        sizes = {t: len(own_experts[t]) + len(self.shared_experts) for t in names}
         # the default gates read the input flattened per example, and check its size
         self._gate_features: int | None = in_features if gates is None else None
         if gates is None:
@@ -93,6 +94,10 @@ class CGC(nn.Module):
                 if id(p) in shared_ids or owner.setdefault(id(p), t) != t:
                     raise ValueError(f"task {t!r} holds a parameter of the shared experts or of "
                                      "another task (tied weights)")
+
+    def _own(self, t: str) -> nn.ModuleList:
+        # __init__ stores one nn.ModuleList of own experts per task
+        return cast(nn.ModuleList, self.task_experts[t])
 
     @property
     def task_names(self) -> list[str]:
@@ -117,7 +122,7 @@ class CGC(nn.Module):
         z = torch.stack([e(x) for e in self.shared_experts], dim=1)
         out = {}
         for t, w in self.gate_weights(x).items():
-            own = [e(x) for e in self.task_experts[t]]
+            own = [e(x) for e in self._own(t)]
             all_e = torch.cat([torch.stack(own, dim=1), z], dim=1) if own else z
             if w.shape != all_e.shape[:2]:
                 raise ValueError(f"gate {t!r} gives shape {tuple(w.shape)}, expected {tuple(all_e.shape[:2])}")

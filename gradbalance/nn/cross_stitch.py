@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -142,13 +142,13 @@ class CrossStitch(nn.Module):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.towers = task_dict(towers, "towers")
-        seqs = list(self.towers.values())
-        if len(seqs) < 2:
-            raise ValueError(f"cross-stitch needs at least 2 towers, got {len(seqs)}")
-        if not all(isinstance(s, nn.Sequential) for s in seqs):
+        if len(self.towers) < 2:
+            raise ValueError(f"cross-stitch needs at least 2 towers, got {len(self.towers)}")
+        if not all(isinstance(s, nn.Sequential) for s in self.towers.values()):
             raise TypeError("towers must be nn.Sequential (the layer indices in `after` index them)")
+        seqs = self._sequentials()
         depth = len(seqs[0])
-        for name, s in self.towers.items():
+        for name, s in zip(self.towers.keys(), seqs):
             if [type(m) for m in s] != [type(m) for m in seqs[0]]:
                 raise ValueError(f"tower {name!r} does not have the same layers as the first tower")
         corresponding_parameters(self.towers)  # same parameter names and shapes
@@ -158,20 +158,27 @@ class CrossStitch(nn.Module):
         if len(set(after)) != len(after) or min(after) < 0 or max(after) >= depth:
             raise ValueError(f"after must hold distinct indices in [0, {depth - 1}], got {after!r}")
         after = sorted(after)
+        per: list[int | None] = [None] * len(after)  # channels of each unit (None: mode="layer")
         if mode == "channel":
             if channels is None:
-                channels = [_out_channels(seqs[0][: i + 1]) for i in after]
-                if None in channels:
+                read = [_out_channels(list(seqs[0])[: i + 1]) for i in after]
+                if None in read:
                     raise ValueError("could not read the channel count; pass channels=[...]")
+                per = read
             elif len(channels) != len(after):
                 raise ValueError(f"channels needs one entry per index in after ({len(after)})")
+            else:
+                per = list(channels)
         k = len(seqs)
-        per = list(channels) if mode == "channel" else [None] * len(after)
         self.after = after
         self.mode = mode
         self.stitches = nn.ModuleDict(
             {str(i): CrossStitchUnit(k, c, init) for i, c in zip(after, per)}
         )
+
+    def _sequentials(self) -> list[nn.Sequential]:
+        # __init__ checked that every tower is an nn.Sequential
+        return [cast(nn.Sequential, t) for t in self.towers.values()]
 
     @property
     def task_names(self) -> list[str]:
@@ -186,7 +193,7 @@ class CrossStitch(nn.Module):
             xs = [x[t] for t in names]
         else:
             xs = [x] * len(names)
-        towers = list(self.towers.values())
+        towers = self._sequentials()
         for i in range(len(towers[0])):
             xs = [t[i](h) for t, h in zip(towers, xs)]
             if str(i) in self.stitches:
@@ -206,7 +213,7 @@ class CrossStitch(nn.Module):
         out = self.stitch_parameters()
         if scope == "reached":
             last = self.after[-1]
-            out = out + [p for t in self.towers.values() for p in t[: last + 1].parameters()]
+            out = out + [p for t in self._sequentials() for p in t[: last + 1].parameters()]
         return unique(out)
 
     def task_parameters(self, name: str) -> list[Tensor]:

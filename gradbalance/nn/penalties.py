@@ -79,7 +79,7 @@ def group_sparsity_penalty(
     groups = corresponding_parameters(towers, include=include)
     if not groups:
         raise ValueError("no parameter left to penalise (check `include`)")
-    total = None
+    total: Tensor | None = None
     for _, ps in groups:
         stacked = torch.stack(ps)  # (k, *shape)
         if dim is None or ps[0].ndim <= dim:
@@ -88,4 +88,5 @@ def group_sparsity_penalty(
             blocks = stacked.movedim(dim + 1, 0).reshape(stacked.shape[dim + 1], -1)
         term = torch.linalg.vector_norm(blocks, ord=q, dim=1).sum()
         total = term if total is None else total + term
+    assert total is not None  # groups is non-empty (checked above), so the loop set it
     return total * weight

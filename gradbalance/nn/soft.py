@@ -84,7 +84,7 @@ def soft_sharing_penalty(
     groups = corresponding_parameters(towers, include=include)
     if not groups:
         raise ValueError("no parameter left to tie (check `include`)")
-    total = None
+    total: Tensor | None = None
     for _, ps in groups:
         flat = torch.stack([p.reshape(-1) for p in ps])  # (k, n)
         if kind == "l2":
@@ -95,6 +95,7 @@ def soft_sharing_penalty(
             # towers at initialisation), unlike differentiating through the full SVD.
             term = torch.linalg.svdvals(flat).sum()
         total = term if total is None else total + term
+    assert total is not None  # groups is non-empty (checked above), so the loop set it
     return total * weight
 
 
