@@ -196,3 +196,14 @@ def test_inexact_accumulation_is_never_silent(name):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*accumulation window.*")
         _accumulate(combine, other, x, y)
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if gb.methods.make_method(n).requires != "losses"])
+def test_direct_call_without_the_required_inputs_names_what_is_missing(name):
+    """A method called directly (not through the optimizer) without the Gram matrix or gradients it
+    needs raises a ValueError saying which input is missing, not an AttributeError deep inside."""
+    from gradbalance.methods import TaskInputs, make_method
+
+    method = make_method(name)
+    with pytest.raises(ValueError, match=r"inputs\.gram|inputs\.grads|Gram"):
+        method.aggregate(TaskInputs(losses=torch.tensor([1.0, 2.0], dtype=torch.float64)))
