@@ -45,7 +45,10 @@ class StepInfo:
         cosine: ``(k, k)`` cosine similarities of those gradients, or ``None`` as above.
         engine: which path produced the task gradients: ``"loop"``, ``"batched"``,
             ``"representation"``, ``"losses"`` (no per-task gradients), with ``" (fallback: ...)"``
-            appended when the batched path fell back to the loop; ``"skipped"`` when a
+            appended when ops without a ``vmap`` batching rule ran per task inside the batched
+            call, and ``"loop (compiled graph)"`` when the batched engine met a ``torch.compile``
+            graph (details in ``extras``: ``vmap_fallback``, ``engine_note``, ``chunk_size``);
+            ``"skipped"`` when a
             ``GradScaler`` overflow made the step a no-op (the reason is in
             ``extras["non_finite"]``).
         task_names: the task names, in the order of ``weights``.

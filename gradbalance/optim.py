@@ -41,11 +41,13 @@ class GradBalance(torch.optim.Optimizer):
             that needs it as the parameters reached by more than one loss (graph walk, no
             extra computation), then kept; read it back from :attr:`shared_params`.
         engine: how per-task gradients are computed: ``"loop"`` (k ``autograd.grad`` calls),
-            ``"batched"`` (one batched vector-Jacobian product, falling back to the loop with a
-            warning where PyTorch lacks a batching rule), or ``"auto"`` (default: batched on an
-            accelerator when ``features=`` is given, else the loop; see the engines guide).
-        chunk_size: at most this many tasks per batched call; bounds the batched engine's extra
-            memory at ``chunk_size x P``. ``None``: all tasks at once.
+            ``"batched"`` (``torch.func.vmap`` over ``autograd.grad`` on the graph of your
+            forward; an op without a batching rule runs per task inside it and is recorded in
+            ``StepInfo``; a ``torch.compile`` graph takes the loop), or ``"auto"`` (default:
+            batched on an accelerator, the loop on CPU; see the engines guide).
+        chunk_size: at most this many tasks per batched call (bounds the batched call's memory);
+            ``"auto"``: chosen from the device's free memory; ``None``: all tasks at once with
+            ``engine="batched"``, ``"auto"`` when ``engine="auto"`` picks the batched engine.
         task_weights: static task weights applied to the losses before the method (a sequence,
             or a dict ``{task name: weight}``).
         accumulation: ``"exact"`` (default: the losses, and for methods on the exact path the
