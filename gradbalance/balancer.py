@@ -443,7 +443,8 @@ class Balancer:
                     f"{type(self.method).__name__} runs in representation mode: pass the shared "
                     "representation as opt.backward(losses, features=z)"
                 )
-            grads, reached = jacobian.feature_gradients(values, features)
+            passes = jacobian.feature_passes(values, features, params, self._shared or ())
+            grads, reached = passes.grads, passes.reached
             what = "the features"
             engine = "representation"
         else:
@@ -491,10 +492,13 @@ class Balancer:
         if agg.weights is None:
             raise ValueError(f"{type(self.method).__name__} returns a direction, which needs mode='exact'")
         self._check_window_weights(prev, agg.weights)
-        out = jacobian.weighted_gradients(values, agg.weights, params,
-                                          retain_graph=agg.head_weights is not None)
-        if agg.head_weights is not None:
-            out = self._reweight_heads(values, params, out, agg.head_weights)
+        if subset is None and passes.direct:
+            out = self._finish_through_features(passes, params, agg)
+        else:
+            out = jacobian.weighted_gradients(values, agg.weights, params,
+                                              retain_graph=agg.head_weights is not None)
+            if agg.head_weights is not None:
+                out = self._reweight_heads(values, params, out, agg.head_weights)
         if sync is not None:
             out = sync.mean_present(out, params)
         self._check_finite(out, names, scale)
@@ -788,6 +792,15 @@ class Balancer:
         if agg.weights is None and agg.direction is None:
             raise RuntimeError(f"{type(self.method).__name__} returned neither weights nor direction")
         return agg
+
+    @staticmethod
+    def _finish_through_features(passes, params, agg: Aggregation) -> list[Tensor | None]:
+        """Representation mode: the gradients of ``sum_i w_i L_i`` (heads: ``head_weights``) on
+        ``params`` from the head passes and one backward through the trunk only (the heads are
+        not run a second or third time)."""
+        done, grads = jacobian.finish_through_features(passes, agg.weights, agg.head_weights)
+        found = {id(p): g for p, g in zip(done, grads)}
+        return [found.get(id(p)) for p in params]
 
     def _reweight_heads(self, values, params, grads, head_weights):
         shared_ids = {id(p) for p in self._shared}
