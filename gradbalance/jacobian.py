@@ -553,7 +553,8 @@ def feature_passes(losses: Sequence[Tensor], features: Tensor, params: Sequence[
             trunk, side = [], []
     k = len(losses)
     matrix = torch.empty(k, features.numel(), dtype=features.dtype, device=features.device)
-    rows, reached = [], []
+    rows: list[tuple[Tensor | None, ...]] = []
+    reached: list[bool] = []
     for i, loss in enumerate(losses):
         grads = torch.autograd.grad(loss, [features, *side], retain_graph=True, allow_unused=True)
         reached.append(grads[0] is not None)
