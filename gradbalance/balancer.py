@@ -106,7 +106,7 @@ class Balancer:
         params: Any,
         *,
         engine: str = "auto",
-        chunk_size: int | None = None,
+        chunk_size: int | str | None = None,
         task_weights: Sequence[float] | Mapping[str, float] | None = None,
         accumulation: str = "exact",
         update_every: int = 1,
@@ -758,7 +758,7 @@ class Balancer:
         ``engine="auto"`` chose it and no ``chunk_size`` was given. If vmap raises (an op it
         cannot run at all, as opposed to one it runs per task), this step reruns with the loop
         (nothing was written yet), warns once, and later steps use the loop."""
-        chunk = self.chunk_size
+        chunk: int | str | None = self.chunk_size
         if chunk is None and self.engine == "auto":
             chunk = "auto"
         try:
@@ -798,6 +798,8 @@ class Balancer:
         """Representation mode: the gradients of ``sum_i w_i L_i`` (heads: ``head_weights``) on
         ``params`` from the head passes and one backward through the trunk only (the heads are
         not run a second or third time)."""
+        if agg.weights is None:
+            raise ValueError("representation mode needs weights, not a direction")
         done, grads = jacobian.finish_through_features(passes, agg.weights, agg.head_weights)
         found = {id(p): g for p, g in zip(done, grads)}
         return [found.get(id(p)) for p in params]

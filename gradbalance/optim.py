@@ -98,7 +98,7 @@ class GradBalance(torch.optim.Optimizer):
         shared_params: Any = None,
         *,
         engine: str = "auto",
-        chunk_size: int | None = None,
+        chunk_size: int | str | None = None,
         task_weights: Sequence[float] | Mapping[str, float] | None = None,
         accumulation: str = "exact",
         update_every: int = 1,
@@ -262,7 +262,7 @@ def backward(
     params: Any = None,
     features: Tensor | None = None,
     engine: str = "auto",
-    chunk_size: int | None = None,
+    chunk_size: int | str | None = None,
     distributed: str = "auto",
     process_group: Any = None,
 ) -> StepInfo:
