@@ -1,8 +1,13 @@
 """Overhead: what gradient balancing costs per step, as a ratio to a plain summed-loss step.
 
-    python -m benchmarks overhead [--quick] [--device auto|cpu|cuda] [--model mlp|resnet|all]
+    python -m benchmarks overhead [--quick] [--device auto|cpu|cuda] [--model mlp,conv,transformer,resnet|all]
                                   [--ks 2,4,10,40] [--methods all|name,...] [--steps N]
                                   [--budget S] [--out DIR]
+
+Models: ``mlp`` (every method, the engine sweep, the LibMTL-style and torchjd references),
+``conv`` (a small ResNet on 32 x 32, batch 64) and ``transformer`` (a 2-layer text transformer)
+with the engine sweep of exact MGDA only (loop, batched, auto, representation = MGDA-UB), and
+``resnet`` (ResNet-18 at 128 px, for a GPU; ``python -m benchmarks gpu`` is the GPU check).
 
 For one model and one k, every configuration (a plain ``sum(L).backward()`` step, GradBalance
 for each method with the default engine, the engine sweep for mgda/mean/upgrad, a LibMTL-style
@@ -142,7 +147,55 @@ def resnet(k: int, device: str, quick: bool) -> Setup:
                  f"batch {batch} of 3x{px}x{px}")
 
 
-MODELS = {"mlp": mlp, "resnet": resnet}
+def conv(k: int, device: str, quick: bool) -> Setup:
+    """Small ResNet (ResNet-18 layout, width 16) on 3 x 32 x 32, batch 64, k Linear(128, 10) heads."""
+    base, batch, px = (4, 4, 8) if quick else (16, 64, 32)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    trunk = resnet18_trunk(base).to(device)
+    heads = nn.ModuleList(nn.Linear(8 * base, 10) for _ in range(k)).to(device)
+    x = torch.randn(batch, 3, px, px, generator=gen).to(device)
+    ys = [torch.randint(0, 10, (batch,), generator=gen).to(device) for _ in range(k)]
+    return Setup(trunk, heads, x, ys,
+                 f"small ResNet (ResNet-18 layout, width {base}: conv, BN, residual adds, global pooling), "
+                 f"k Linear({8 * base}, 10) CE heads, batch {batch} of 3x{px}x{px}")
+
+
+class _Text(nn.Module):
+    def __init__(self, vocab: int, width: int, length: int, depth: int, heads: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(0.02 * torch.randn(length, width))
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, activation="gelu", batch_first=True)
+            for _ in range(depth))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.tok(tokens) + self.pos
+        for layer in self.layers:
+            h = layer(h)
+        return h.mean(dim=1)
+
+
+def transformer(k: int, device: str, quick: bool) -> Setup:
+    """Text transformer: embeddings + 2 TransformerEncoderLayer (width 128, 4 heads), 32 tokens,
+    batch 64, mean over tokens, k Linear(128, 10) CE heads."""
+    vocab, width, length, depth, heads_n, batch = (50, 16, 8, 1, 2, 4) if quick else (1000, 128, 32, 2, 4, 64)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    trunk = _Text(vocab, width, length, depth, heads_n).to(device)
+    heads = nn.ModuleList(nn.Linear(width, 10) for _ in range(k)).to(device)
+    x = torch.randint(0, vocab, (batch, length), generator=gen).to(device)
+    ys = [torch.randint(0, 10, (batch,), generator=gen).to(device) for _ in range(k)]
+    return Setup(trunk, heads, x, ys,
+                 f"text transformer (embeddings, {depth} x TransformerEncoderLayer width {width}, {heads_n} "
+                 f"heads, GELU), {length} tokens, k Linear({width}, 10) CE heads, batch {batch}")
+
+
+MODELS = {"mlp": mlp, "resnet": resnet, "conv": conv, "transformer": transformer}
+#: models measured with the engine sweep of exact MGDA only (loop, batched, auto, representation)
+ENGINE_ONLY = ("conv", "transformer")
+ENGINE_ONLY_ENGINES = ("loop", "batched", "representation")
 
 
 # ---------------------------------------------------------------------------- reference paths
@@ -182,7 +235,8 @@ class Config:
     mem: float | None = None
 
 
-def make_configs(setup: Setup, methods: list[str], sweep: bool, refs: bool) -> list[Config]:
+def make_configs(setup: Setup, methods: list[str], sweep: bool, refs: bool,
+                 sweep_methods=SWEEP, sweep_engines=SWEEP_ENGINES) -> list[Config]:
     params, shared = setup.params, setup.shared
     configs: list[Config] = []
     plain_opt = torch.optim.SGD(params, lr=1e-4)
@@ -221,8 +275,8 @@ def make_configs(setup: Setup, methods: list[str], sweep: bool, refs: bool) -> l
     for method in methods:
         configs.append(ours(method, "auto"))
     if sweep:
-        for method in SWEEP:
-            for engine in SWEEP_ENGINES:
+        for method in sweep_methods:
+            for engine in sweep_engines:
                 if engine.startswith("update_every=") and make_method(method).requires == "losses":
                     continue  # nothing to reuse: a loss weighting is one backward anyway
                 configs.append(ours(method, engine))
@@ -368,7 +422,10 @@ def run(model: str, device: str, ks, methods: list[str], steps: int, warmup: int
     for k in ks:
         setup = MODELS[model](k, device, quick)
         description = setup.description
-        configs = make_configs(setup, methods, sweep, refs)
+        if model in ENGINE_ONLY:  # the engine sweep of exact MGDA only: these trunks are slow on CPU
+            configs = make_configs(setup, ["mgda"], sweep, False, ("mgda",), ENGINE_ONLY_ENGINES)
+        else:
+            configs = make_configs(setup, methods, sweep, refs)
         measure(configs, device, steps, warmup, budget, memory, desc=f"{model} k={k}")
         plain = configs[0]
         base_t = statistics.median(plain.times)
@@ -433,6 +490,7 @@ def report(rows: list[dict], descriptions: dict[str, str], command: str, fw: dic
         out += ["Plain step: " + ", ".join(
             f"k={k}: {plain[k]['ms']:.2f} ms" + (f", {plain[k]['mem_mb']:.1f} MiB" if "mem_mb" in plain[k] else "")
             for k in ks) + ".", ""]
+        engine_only = model in ENGINE_ONLY
         # headline
         head_rows = []
         for method in ("mgda", "upgrad"):
@@ -452,8 +510,9 @@ def report(rows: list[dict], descriptions: dict[str, str], command: str, fw: dic
                 head_rows.append([f"ours / {name} ({method})", *cells])
         ub = [_find(rows, model, k, "mgda (representation)") for k in ks]
         head_rows.append(["ours mgda_ub (representation)", *[_cell(r) for r in ub]])
-        out += ["### Headline: x plain step (x plain memory); ours / theirs in bold (< 1: ours faster)", "",
-                markdown_table(["", *[f"k={k}" for k in ks]], head_rows)]
+        if not engine_only:
+            out += ["### Headline: x plain step (x plain memory); ours / theirs in bold (< 1: ours faster)", "",
+                    markdown_table(["", *[f"k={k}" for k in ks]], head_rows)]
         # engine sweep
         sweep_rows = []
         for method in SWEEP:
@@ -480,8 +539,9 @@ def report(rows: list[dict], descriptions: dict[str, str], command: str, fw: dic
             found = [_find(rows, model, k, label) for k in ks]
             ran = sorted({r["ran"] for r in found if r and r["ran"]})
             method_rows.append([label.split(" ")[0], *[_cell(r) for r in found], ", ".join(ran)])
-        out += ["### Every method, default engine (`engine='auto'`, `features=z` passed)", "",
-                markdown_table(["method", *[f"k={k}" for k in ks], "ran"], method_rows)]
+        if not engine_only:
+            out += ["### Every method, default engine (`engine='auto'`, `features=z` passed)", "",
+                    markdown_table(["method", *[f"k={k}" for k in ks], "ran"], method_rows)]
         skipped = [r for r in mrows if r["status"] != "ok"]
         if skipped:
             out += ["Skipped (failed at warm-up):", ""]
@@ -530,8 +590,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks overhead", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help=f"tiny models, k in {QUICK_KS}, few steps (seconds)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--model", default=None, choices=("mlp", "resnet", "all"),
-                   help="default: mlp on CPU, mlp and resnet on CUDA")
+    p.add_argument("--model", default=None,
+                   help="comma-separated from mlp, conv, transformer, resnet, or 'all'; default: mlp, conv "
+                        "and transformer on CPU (--quick: mlp), mlp and resnet on CUDA. conv and "
+                        "transformer run the engine sweep of exact MGDA only")
     p.add_argument("--ks", default=None, help=f"comma-separated k (default {','.join(map(str, FULL_KS))})")
     p.add_argument("--methods", default="all", help="'all' registered methods or a comma-separated list")
     p.add_argument("--steps", type=int, default=None, help="timed steps per configuration (median)")
@@ -552,8 +614,15 @@ def main(argv: list[str] | None = None) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available")
-    models = {"mlp": ["mlp"], "resnet": ["resnet"], "all": ["mlp", "resnet"],
-              None: ["mlp", "resnet"] if device == "cuda" else ["mlp"]}[args.model]
+    if args.model is None:
+        models = ["mlp", "resnet"] if device == "cuda" else (["mlp"] if args.quick else ["mlp", "conv", "transformer"])
+    elif args.model == "all":
+        models = list(MODELS)
+    else:
+        models = args.model.split(",")
+        unknown = [m for m in models if m not in MODELS]
+        if unknown:
+            p.error(f"unknown model(s) {unknown}; choose from {list(MODELS)} or 'all'")
     ks = tuple(int(x) for x in args.ks.split(",")) if args.ks else (QUICK_KS if args.quick else FULL_KS)
     methods = list(gb.available_methods()) if args.methods == "all" else args.methods.split(",")
     steps = args.steps or (3 if args.quick else 20)

@@ -44,14 +44,17 @@ class StepInfo:
             need no per-task gradients (computing them would cost k backward passes).
         cosine: ``(k, k)`` cosine similarities of those gradients, or ``None`` as above.
         engine: which path produced the gradients: ``"loop"`` or ``"batched"`` (task gradients
-            on the shared parameters; ``"batched (fallback: ...)"`` when the batched call fell back
-            to the loop; a method's ``shared_subset`` also reports ``"loop"``),
-            ``"representation"`` (task gradients on ``features``), ``"gram"`` (``engine="gram"``:
-            the Gram matrix only, then one weighted backward), ``"losses"`` (no per-task
-            gradients: one weighted backward), ``"reused"`` (``recompute_every > 1``: the last
-            computed weights, one weighted backward), ``"fsdp"`` (FSDP2: one backward per task on
-            the sharded parameters), or ``"skipped"`` when a ``GradScaler`` overflow made the
-            step a no-op (the reason is in ``extras["non_finite"]``).
+            on the shared parameters; ``" (fallback: ...)"`` is appended when ops without a
+            ``vmap`` batching rule ran per task inside the batched call, and the engine reads
+            ``"loop (compiled graph)"`` when the batched engine met a ``torch.compile`` graph;
+            details in ``extras``: ``vmap_fallback``, ``engine_note``, ``chunk_size``; a method's
+            ``shared_subset`` also reports ``"loop"``), ``"representation"`` (task gradients on
+            ``features``), ``"gram"`` (``engine="gram"``: the Gram matrix only, then one weighted
+            backward), ``"losses"`` (no per-task gradients: one weighted backward), ``"reused"``
+            (``recompute_every > 1``: the last computed weights, one weighted backward),
+            ``"fsdp"`` (FSDP2: one backward per task on the sharded parameters), or ``"skipped"``
+            when a ``GradScaler`` overflow made the step a no-op (the reason is in
+            ``extras["non_finite"]``).
         task_names: the task names, in the order of ``weights``.
         extras: method-specific values (solver status, number of projections, ...). With
             ``recompute_every > 1``, ``extras["reused"]`` is ``1`` on a reused step and ``0`` on

@@ -46,7 +46,10 @@ __all__ = [
     "backward_passes",
     "compiled_graph",
     "describe",
+    "FeaturePasses",
     "feature_gradients",
+    "feature_passes",
+    "finish_through_features",
     "flatten",
     "graph_leaves",
     "memory_budget",
@@ -491,12 +494,103 @@ def feature_gradients(losses: Sequence[Tensor], features: Tensor) -> tuple[Tenso
     The passes run through the heads only, so they cost far less than gradients on the trunk.
     Returns the matrix and, per task, whether the loss depends on ``features`` at all.
     """
-    rows, reached = [], []
-    for loss in losses:
-        (g,) = torch.autograd.grad(loss, features, retain_graph=True, allow_unused=True)
-        reached.append(g is not None)
-        rows.append((g if g is not None else torch.zeros_like(features)).reshape(-1))
-    return torch.stack(rows), reached
+    passes = feature_passes(losses, features)
+    return passes.grads, passes.reached
+
+
+@dataclass
+class FeaturePasses:
+    """The ``k`` passes of representation mode through the heads, and what finishing needs.
+
+    Attributes:
+        grads: ``(k, numel(z))`` gradients of each loss with respect to ``z`` (in ``z``'s dtype).
+        reached: per task, whether the loss depends on ``z`` at all.
+        features: ``z``.
+        trunk: the parameters reached through ``z`` (all shared): they get the trunk VJP.
+        side: the parameters reached other than through ``z`` (the heads, shared parameters used
+            after ``z``), with each task's gradient on them in ``rows``.
+        rows: ``rows[i][j]``: task ``i``'s gradient on ``side[j]`` (``None`` if not reached).
+        shared_side: per entry of ``side``, whether it is a shared parameter.
+        direct: whether :func:`finish_through_features` applies (``False`` when a parameter is
+            reached both through ``z`` and around it, or a task-specific parameter sits before
+            ``z``: then finish with one weighted backward of the losses instead).
+    """
+
+    grads: Tensor
+    reached: list[bool]
+    features: Tensor
+    trunk: list[Tensor]
+    side: list[Tensor]
+    rows: list[tuple[Tensor | None, ...]]
+    shared_side: list[bool]
+    direct: bool
+
+
+def feature_passes(losses: Sequence[Tensor], features: Tensor, params: Sequence[Tensor] = (),
+                   shared: Sequence[Tensor] = ()) -> FeaturePasses:
+    """The ``k`` gradients of the losses with respect to ``features``, one pass through the heads
+    each, taking along each task's gradient on the parameters of ``params`` that the losses reach
+    other than through ``features`` (the heads, shared parameters used after ``z``): with them,
+    :func:`finish_through_features` applies the weights with one backward through the trunk only.
+
+    Args:
+        losses: ``k`` scalar losses.
+        features: the representation ``z`` the heads read.
+        params: every trainable parameter (empty: the passes take the ``z`` gradients only).
+        shared: the shared ones among them.
+    """
+    trunk: list[Tensor] = []
+    side: list[Tensor] = []
+    direct = bool(params)
+    if direct:
+        around = {id(t) for t in graph_leaves(losses, stop=features)}
+        through = {id(t) for t in graph_leaves([features])}
+        shared_ids = {id(p) for p in shared}
+        trunk = [p for p in params if id(p) in through]
+        side = [p for p in params if id(p) in around]
+        direct = not any(id(p) in through for p in side) and all(id(p) in shared_ids for p in trunk)
+        if not direct:
+            trunk, side = [], []
+    k = len(losses)
+    matrix = torch.empty(k, features.numel(), dtype=features.dtype, device=features.device)
+    rows: list[tuple[Tensor | None, ...]] = []
+    reached: list[bool] = []
+    for i, loss in enumerate(losses):
+        grads = torch.autograd.grad(loss, [features, *side], retain_graph=True, allow_unused=True)
+        reached.append(grads[0] is not None)
+        if grads[0] is None:
+            matrix[i].zero_()
+        else:
+            matrix[i].copy_(grads[0].reshape(-1))
+        rows.append(tuple(grads[1:]))
+    shared_side = [id(p) in {id(q) for q in shared} for p in side]
+    return FeaturePasses(matrix, reached, features, trunk, side, rows, shared_side, direct)
+
+
+def finish_through_features(passes: FeaturePasses, weights: Tensor, head_weights: Tensor | None = None
+                            ) -> tuple[list[Tensor], list[Tensor | None]]:
+    """The gradients of ``sum_i w_i L_i`` from the passes: one backward through the trunk with the
+    cotangent ``sum_i w_i dL_i/dz`` (the heads are not run again), and the passes' gradients on
+    the other parameters combined with ``weights`` (shared) or ``head_weights`` (task-specific;
+    ``None``: ``weights``). Frees the graph. Returns ``(params, grads)``: the trunk parameters
+    then ``side``, with their gradients (``None`` where nothing reached a parameter)."""
+    if not passes.direct:
+        raise ValueError("finish_through_features needs FeaturePasses.direct")
+    z = passes.features
+    cotangent = (weights.to(passes.grads.dtype) @ passes.grads).view_as(z)
+    trunk = list(torch.autograd.grad(z, passes.trunk, cotangent, allow_unused=True)) if passes.trunk else []
+    hw = weights if head_weights is None else head_weights
+    side: list[Tensor | None] = []
+    for j, is_shared in enumerate(passes.shared_side):
+        w = weights if is_shared else hw
+        total = None
+        for i, row in enumerate(passes.rows):
+            g = row[j]
+            if g is not None:
+                term = g * w[i].to(g.dtype)
+                total = term if total is None else total + term
+        side.append(total)
+    return [*passes.trunk, *passes.side], [*trunk, *side]
 
 
 def weighted_gradients(

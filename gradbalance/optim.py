@@ -44,14 +44,17 @@ class GradBalance(torch.optim.Optimizer):
             that needs it as the parameters reached by more than one loss (graph walk, no
             extra computation), then kept; read it back from :attr:`shared_params`.
         engine: how per-task gradients are computed: ``"loop"`` (k ``autograd.grad`` calls),
-            ``"batched"`` (one batched vector-Jacobian product, falling back to the loop with a
-            warning where PyTorch lacks a batching rule), ``"gram"`` (methods with
+            ``"batched"`` (``torch.func.vmap`` over ``autograd.grad`` on the graph of your
+            forward; an op without a batching rule runs per task inside it and is recorded in
+            ``StepInfo``; a ``torch.compile`` graph takes the loop), ``"gram"`` (methods with
             ``requires="gram"``: their Gram matrix without the ``k x P`` task gradients, then one
             weighted backward; see the Gram engine guide), or ``"auto"`` (default: batched on an
-            accelerator when ``features=`` is given, else the loop; the Gram engine for Gram
-            methods when the ``k x P`` matrix would exceed ``gradbalance.gram.AUTO_BUDGET_BYTES``).
-        chunk_size: at most this many tasks per batched call; bounds the batched engine's extra
-            memory at ``chunk_size x P``. ``None``: all tasks at once.
+            accelerator, the loop on CPU; see the engines guide; the Gram engine for Gram methods
+            when the ``k x P`` matrix would exceed ``gradbalance.gram.AUTO_BUDGET_BYTES`` and its
+            own estimated working set is smaller).
+        chunk_size: at most this many tasks per batched call (bounds the batched call's memory);
+            ``"auto"``: chosen from the device's free memory; ``None``: all tasks at once with
+            ``engine="batched"``, ``"auto"`` when ``engine="auto"`` picks the batched engine.
         task_weights: static task weights applied to the losses before the method: a sequence
             of one positive number per task, or a dict ``{task name: weight}`` (missing names: 1).
             Every weight must be finite and > 0; a dict key that names no task of the first step
@@ -117,7 +120,7 @@ class GradBalance(torch.optim.Optimizer):
         shared_params: Any = None,
         *,
         engine: str = "auto",
-        chunk_size: int | None = None,
+        chunk_size: int | str | None = None,
         task_weights: Sequence[float] | Mapping[str, float] | None = None,
         accumulation: str = "exact",
         recompute_every: int = 1,
@@ -325,7 +328,7 @@ def backward(
     features: Tensor | None = None,
     step: int | None = None,
     engine: str = "auto",
-    chunk_size: int | None = None,
+    chunk_size: int | str | None = None,
     task_weights: Sequence[float] | Mapping[str, float] | None = None,
     distributed: str = "auto",
     process_group: Any = None,

@@ -113,3 +113,17 @@ def test_failing_configuration_is_skipped_with_reason():
     overhead.measure(configs, "cpu", steps=3, warmup=1, budget=1.0, memory=False)
     assert configs[1].status.startswith("skipped: RuntimeError: cannot run")
     assert len(configs[0].times) == 3 and not configs[1].times
+
+
+@pytest.mark.parametrize("model", overhead.ENGINE_ONLY)
+def test_engine_only_models_run_the_mgda_sweep(model):
+    rows, description = overhead.run(model, "cpu", (2,), ["mgda"], steps=1, warmup=0, budget=0.1, quick=True,
+                                     memory=False)
+    by = {r["label"]: r for r in rows}
+    assert list(by) == ["plain step", "mgda (auto)", "mgda (loop)", "mgda (batched)", "mgda (representation)"]
+    assert all(r["status"] == "ok" and r["ratio"] > 0 for r in rows)
+    assert by["mgda (auto)"]["ran"] == "loop" and by["mgda (representation)"]["ran"] == "representation"
+    assert by["mgda (batched)"]["ran"] == ("batched" if model == "conv" else
+                                           "batched (fallback: _scaled_dot_product_flash_attention_for_cpu_backward)")
+    text = overhead.report(rows, {model: description}, "x", {})
+    assert "Engine sweep" in text and "Headline" not in text and "Every method" not in text

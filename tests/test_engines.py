@@ -251,3 +251,56 @@ def test_bad_chunk_size_is_refused(bad):
     with pytest.raises(ValueError, match="chunk_size"):
         gb.GradBalance(torch.optim.SGD([*trunk.parameters(), *heads.parameters()], lr=0.1), "mgda",
                        shared_params=trunk, chunk_size=bad)
+
+
+# ---------------------------------------------------------------------------- representation mode
+class _Representation(FixedWeights):
+    mode = "representation"
+
+
+@pytest.mark.parametrize("kind", ["plain", "layer", "scale", "tied", "adapter"])
+def test_representation_mode_finishes_through_the_trunk_exactly(kind):
+    # MGDA-UB style: weights w on the shared parameters and head weights hw on the heads, applied
+    # from the head passes and one backward through the trunk (when every parameter reached
+    # through z is shared and none is reached around it), else by weighted backward passes. Both
+    # give the plain autograd gradients of sum w_i L_i (shared) and sum hw_i L_i (heads).
+    k, w, hw = 3, torch.tensor([0.2, 0.5, 0.3]), torch.tensor([1.0, 2.0, -1.0])
+    if kind == "plain":
+        trunk, heads, x, ys = em.build("mlp", k)
+        model = torch.nn.ModuleDict({"trunk": trunk, "heads": heads})
+        shared = list(trunk.parameters())
+
+        def run():
+            return em.losses(trunk, heads, x, ys)
+    else:
+        model = em.AfterFeatures("layer" if kind == "adapter" else kind, k)
+        shared = model.shared_parameters()
+        if kind == "adapter":  # a task-specific parameter before z: not shared, reached through z
+            shared = shared[:-2]  # the layer after z becomes task-specific too
+            shared = [p for p in shared if p is not model.body[0].bias]
+        gen = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, 12, (6, 5), generator=gen)
+        targets = [torch.randint(0, 12, (6,), generator=gen) for _ in range(k)]
+
+        def run():
+            z, outs = model(tokens)
+            return z, [torch.nn.functional.cross_entropy(o, t) * (i + 1) for i, (o, t) in enumerate(zip(outs, targets))]
+
+    params = list(model.parameters())
+    _, losses = run()
+    ids = {id(p) for p in shared}
+    ref_w = torch.autograd.grad(torch.stack(losses) @ w, params, retain_graph=True, allow_unused=True)
+    ref_hw = torch.autograd.grad(torch.stack(losses) @ hw, params, allow_unused=True)
+    expected = [a if id(p) in ids else b for p, a, b in zip(params, ref_w, ref_hw)]
+    z, losses = run()
+    passes = jacobian.feature_passes(losses, z, params, shared)
+    assert passes.direct == (kind in ("plain", "layer", "scale"))
+    opt = gb.GradBalance(torch.optim.SGD(params, lr=0.1), _Representation(w, hw), shared_params=shared)
+    z, losses = run()
+    info = opt.backward(losses, features=z)
+    assert info.engine == "representation"
+    for p, want in zip(params, expected):
+        if want is None:
+            assert p.grad is None or torch.count_nonzero(p.grad) == 0
+        else:
+            torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-6)
