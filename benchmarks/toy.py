@@ -207,7 +207,7 @@ class Protocol:
     steps: int
     lr: float
     source: str
-    decay: bool = False  # lr decays linearly to 0 (the quick demo only)
+    lr_end: float = 1.0  # lr decays linearly to lr * lr_end at the last step (the demo only)
 
 
 PROTOCOLS = {
@@ -219,8 +219,8 @@ PROTOCOLS = {
                        "CAGrad toy.py: n_iter=100000, Adam lr 1e-3, no scale, 3 starts"),
 }
 #: the demo: Nash-MTL's problem and starts, 35,000 x 1e-3 compressed into a decaying schedule
-QUICK = Protocol("quick", 0.1, STARTS, 3_000, 0.02,
-                 "demo: Nash-MTL's problem and starts, Adam lr 0.02 decaying linearly to 0", decay=True)
+QUICK = Protocol("quick", 0.1, STARTS, 1_800, 0.035,
+                 "demo: Nash-MTL's problem and starts, Adam lr 0.035 decaying linearly to 0.0105", lr_end=0.3)
 
 NASH_FIG = "Nash-MTL paper Fig. 1 (repo misc/toy_pareto_2d.png)"
 FAMO_FIG = "FAMO paper Fig. 1 (repo misc/fig.png)"
@@ -321,14 +321,15 @@ def build_method(setting: Setting):
 
 # ------------------------------------------------------------------------------ running a method
 def run(method, start, steps: int, lr: float = LR, scale: float = SCALE, clip: float = 0.0,
-        decay: bool = False, points: int = POINTS, name: str | None = None) -> dict:
+        lr_end: float = 1.0, points: int = POINTS, name: str | None = None) -> dict:
     """Run ``method`` (a name or a method object) from ``start``; returns the final point, the
     trajectory (``points + 1`` rows at most), time, warnings and any error."""
     name = name or (method if isinstance(method, str) else type(method).__name__.lower())
     x = torch.tensor(start, dtype=torch.float64, requires_grad=True)
     inner = torch.optim.Adam([x], lr=lr)
     opt = gb.GradBalance(inner, method=method, shared_params=[x])
-    sched = torch.optim.lr_scheduler.LambdaLR(inner, lambda i: 1 - i / steps) if decay else None
+    sched = (torch.optim.lr_scheduler.LambdaLR(inner, lambda i: 1 - (1 - lr_end) * i / steps)
+             if lr_end != 1.0 else None)
     offsets = [torch.tensor(s, dtype=torch.float64) for s in shift(scale)]
     features = x if name in REPRESENTATION else None
     every = max(1, steps // points)
@@ -377,7 +378,7 @@ def _generic(message: str) -> str:
 def run_setting(setting: Setting, protocol: Protocol, start) -> dict:
     """Run one setting from one start under ``protocol``."""
     return run(build_method(setting), start, protocol.steps, lr=protocol.lr, scale=protocol.scale,
-               clip=setting.clip, decay=protocol.decay, name=setting.method)
+               clip=setting.clip, lr_end=protocol.lr_end, name=setting.method)
 
 
 # ------------------------------------------------------------------------------ report
@@ -389,11 +390,13 @@ def _fmt_point(p) -> str:
     return f"({p[0]:.3f}, {p[1]:.3f})"
 
 
-def comparison(setting: Setting, failed: list) -> str:
-    """``match`` / ``differs: ...`` of the measured failing starts against the paper's figure."""
+def comparison(setting: Setting, failed: list, starts) -> str:
+    """``match`` / ``differs: ...`` of the measured failing starts against the paper's figure
+    (restricted to the ``starts`` that were run)."""
     if setting.paper_fails is None:
         return "no figure"
-    want = {tuple(map(float, s)) for s in setting.paper_fails}
+    ran = {tuple(map(float, s)) for s in starts}
+    want = {tuple(map(float, s)) for s in setting.paper_fails} & ran
     got = {tuple(map(float, s)) for s in failed}
     if want == got:
         return "match"
@@ -501,7 +504,7 @@ def summarize(results: dict, settings: list[Setting], protocols: dict) -> list[d
         rs = [results[st.key, j] for j in range(len(proto.starts))]
         failed = [s for s, r in zip(proto.starts, rs, strict=True) if not reached(r)]
         out.append({"setting": st, "protocol": proto, "reached": len(proto.starts) - len(failed),
-                    "starts": len(proto.starts), "failed": failed, "vs_paper": comparison(st, failed),
+                    "starts": len(proto.starts), "failed": failed, "vs_paper": comparison(st, failed, proto.starts),
                     "paper": _paper_text(st, proto.starts),
                     "steps_per_s": sum(r["steps_done"] for r in rs) / max(sum(r["seconds"] for r in rs), 1e-9),
                     "errors": sorted({r["error"] for r in rs if r["error"]}),
@@ -518,7 +521,8 @@ def terminal_summary(summary: list[dict]) -> str:
         failed = row["failed"]
         status = "all starts" if not failed else "not from " + ", ".join(_pt(s) for s in failed)
         paper = f"; paper: {row['paper']} -> {row['vs_paper']}" if st.paper_fails is not None else ""
-        lines.append(f"  {st.label:<10} reaches the front {row['reached']}/{row['starts']} ({status}){paper}")
+        label = st.label if st.protocol in ("nash", "quick") else f"{st.label} [{st.protocol}]"
+        lines.append(f"  {label:<10} reaches the front {row['reached']}/{row['starts']} ({status}){paper}")
     return "\n".join(lines)
 
 
@@ -526,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks toy", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help=f"the demo: {', '.join(QUICK_METHODS)} from the 5 starts, {QUICK.steps} steps, "
-                             f"Adam lr {QUICK.lr} decaying linearly to 0 (about a minute)")
+                             f"Adam lr {QUICK.lr} decaying linearly to {QUICK.lr * QUICK.lr_end:g} (under a minute)")
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default: each protocol's)")
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: each protocol's)")
     parser.add_argument("--methods", default=None,
@@ -579,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
         cached = None
         if args.cache is not None:
             tag = re.sub(r"[^\w.,=-]+", "_", f"{st.key}-{st.kwargs}-{st.clip}-{start}-{proto.scale}-"
-                                              f"{proto.steps}-{proto.lr}-{int(proto.decay)}")
+                                              f"{proto.steps}-{proto.lr}-"
+                                              f"{'0' if proto.lr_end == 1 else f'end{proto.lr_end}'}")
             cached = Path(args.cache) / f"{tag}.pkl"
         if cached is not None and cached.exists():
             results[st.key, j] = pickle.loads(cached.read_bytes())
@@ -601,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     text.append(common.markdown_table(
         ["protocol", "L1 scale", "starts", "Adam steps", "lr", "from"],
         [[p.name, p.scale, ", ".join(map(_pt, p.starts)), p.steps,
-          f"{p.lr:g}{' decaying to 0' if p.decay else ''}", p.source]
+          f"{p.lr:g}" + (f" decaying linearly to {p.lr * p.lr_end:g}" if p.lr_end != 1 else ""), p.source]
          for p in (protocols[k] for k in used)]))
     text.append(f"Every method sees L_i + (21 s, 21) (FAMO's toy offsets: same gradients, positive "
                 f"losses); representation-mode methods ({', '.join(REPRESENTATION)}) get features = x. "
@@ -640,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plot:
         text.append(f"![trajectories over the contours of L1 + L2, and in loss space]({name}.png)\n")
     common.write_result(Path(args.out) / f"{name}.md", "\n".join(text))
-    quick_note = (f" (demo: {protocols['quick'].steps} Adam steps, lr {protocols['quick'].lr:g} decaying to 0; "
+    q = protocols["quick"]
+    quick_note = (f" (demo: {q.steps} Adam steps, lr {q.lr:g} decaying linearly to {q.lr * q.lr_end:g}; "
                   "the papers run 35,000 steps at lr 1e-3)") if args.quick else ""
     print(f"Toy problem: which starts reach the Pareto front{quick_note}\n" + terminal_summary(summary))
     if not args.no_plot:
