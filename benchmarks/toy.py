@@ -382,6 +382,9 @@ def run_setting(setting: Setting, protocol: Protocol, start) -> dict:
 
 
 # ------------------------------------------------------------------------------ report
+_TAG = {"nash": "", "quick": "", "famo": " [FAMO's toy]", "cagrad": " [CAGrad's toy]"}
+
+
 def _pt(p) -> str:
     return f"({p[0]:g}, {p[1]:g})"
 
@@ -447,9 +450,11 @@ def _plot(results: dict, settings: list[Setting], protocols: dict, path: Path, c
         g, zz = contour_cache[proto.scale]
         ax.contour(g, g, zz, levels=18, linewidths=0.6, cmap="Greys", alpha=0.7)
         ax.plot(_FRONT[:, 0], _FRONT[:, 1], color="0.35", lw=4, alpha=0.6, solid_capstyle="round")
-        ok = 0
+        ok, ran = 0, 0
         for j, s in enumerate(proto.starts):
-            r = results[st.key, j]
+            if (st.key, j) not in results:
+                continue
+            r, ran = results[st.key, j], ran + 1
             color = colors(STARTS.index(s) if s in STARTS else 5 + CAGRAD_STARTS.index(s))
             all_starts[s] = color
             ax.plot(r["traj"][:, 0], r["traj"][:, 1], color=color, lw=1.4)
@@ -457,8 +462,8 @@ def _plot(results: dict, settings: list[Setting], protocols: dict, path: Path, c
             hit = reached(r)
             ok += hit
             ax.plot(*r["final"], "*" if hit else "X", color=color, ms=11 if hit else 9, mec="black", mew=0.6)
-        head = st.label if st.protocol in ("quick", "nash") else f"{st.label} [{st.protocol}]"
-        ax.set_title(f"{head}: {ok}/{len(proto.starts)} reach the front", fontsize=10)
+        head = st.label + _TAG[st.protocol]
+        ax.set_title(f"{head}: {ok}/{ran} reach the front", fontsize=10)
         ax.set_xlim(-10, 10)
         ax.set_ylim(-10, 10)
         ax.set_aspect("equal")
@@ -467,6 +472,8 @@ def _plot(results: dict, settings: list[Setting], protocols: dict, path: Path, c
             lx = axes[(n // cols) * per + 1, n % cols]
             lx.plot(proto.scale * _FRONT_LOSSES[:, 0], _FRONT_LOSSES[:, 1], color="0.35", lw=4, alpha=0.6)
             for j, s in enumerate(proto.starts):
+                if (st.key, j) not in results:
+                    continue
                 r = results[st.key, j]
                 color = all_starts[s]
                 ll = unscaled_losses(r["traj"])
@@ -474,6 +481,8 @@ def _plot(results: dict, settings: list[Setting], protocols: dict, path: Path, c
                 lx.plot(proto.scale * ll[0, 0], ll[0, 1], "o", color=color, ms=6, mec="black", mew=0.5)
                 lx.plot(proto.scale * ll[-1, 0], ll[-1, 1], "*" if reached(r) else "X", color=color,
                         ms=11 if reached(r) else 9, mec="black", mew=0.6)
+            lx.set_xlim(-21 * proto.scale, 9 * proto.scale)
+            lx.set_ylim(-21, 9)
             lx.set_xlabel(f"L1{' (x 0.1)' if proto.scale != 1 else ''}", fontsize=8)
             lx.set_ylabel("L2", fontsize=8)
             lx.tick_params(labelsize=7)
@@ -501,11 +510,14 @@ def summarize(results: dict, settings: list[Setting], protocols: dict) -> list[d
     out = []
     for st in settings:
         proto = protocols[st.protocol]
-        rs = [results[st.key, j] for j in range(len(proto.starts))]
-        failed = [s for s, r in zip(proto.starts, rs, strict=True) if not reached(r)]
-        out.append({"setting": st, "protocol": proto, "reached": len(proto.starts) - len(failed),
-                    "starts": len(proto.starts), "failed": failed, "vs_paper": comparison(st, failed, proto.starts),
-                    "paper": _paper_text(st, proto.starts),
+        ran = [s for j, s in enumerate(proto.starts) if (st.key, j) in results]
+        if not ran:
+            continue
+        rs = [results[st.key, j] for j in range(len(proto.starts)) if (st.key, j) in results]
+        failed = [s for s, r in zip(ran, rs, strict=True) if not reached(r)]
+        out.append({"setting": st, "protocol": proto, "reached": len(ran) - len(failed),
+                    "starts": len(ran), "failed": failed, "vs_paper": comparison(st, failed, ran),
+                    "paper": _paper_text(st, ran), "not_run": [s for s in proto.starts if s not in ran],
                     "steps_per_s": sum(r["steps_done"] for r in rs) / max(sum(r["seconds"] for r in rs), 1e-9),
                     "errors": sorted({r["error"] for r in rs if r["error"]}),
                     "warnings": {k: sum(r["warning_counts"].get(k, 0) for r in rs)
@@ -521,7 +533,9 @@ def terminal_summary(summary: list[dict]) -> str:
         failed = row["failed"]
         status = "all starts" if not failed else "not from " + ", ".join(_pt(s) for s in failed)
         paper = f"; paper: {row['paper']} -> {row['vs_paper']}" if st.paper_fails is not None else ""
-        label = st.label if st.protocol in ("nash", "quick") else f"{st.label} [{st.protocol}]"
+        if row["not_run"]:
+            paper += "; not run from " + ", ".join(_pt(s) for s in row["not_run"])
+        label = st.label + _TAG[st.protocol]
         lines.append(f"  {label:<10} reaches the front {row['reached']}/{row['starts']} ({status}){paper}")
     return "\n".join(lines)
 
@@ -544,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=common.RESULTS,
                         help="folder of toy.md and the plots (--quick: toy-quick.md, toy-quick.png)")
     parser.add_argument("--no-plot", action="store_true", help="skip the plots")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="with --cache: report only the runs already in the cache (the others are "
+                             "listed as not run)")
     parser.add_argument("--cache", type=Path, default=None,
                         help="folder of per-run results: reused when present (same settings), "
                              "so several processes can share a long run")
@@ -589,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
         if cached is not None and cached.exists():
             results[st.key, j] = pickle.loads(cached.read_bytes())
             continue
+        if args.cached_only:
+            continue
         results[st.key, j] = run_setting(st, proto, start)
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -621,7 +640,9 @@ def main(argv: list[str] | None = None) -> int:
     text.append(common.markdown_table(
         ["method", "protocol", "reached", "not reached from", "paper's figure", "figure shows", "verdict",
          "steps/s", "errors / warnings"],
-        [[row["setting"].label, row["protocol"].name, f"{row['reached']}/{row['starts']}",
+        [[row["setting"].label, row["protocol"].name,
+          f"{row['reached']}/{row['starts']}" + (f" (not run from {', '.join(map(_pt, row['not_run']))})"
+                                                 if row["not_run"] else ""),
           ", ".join(map(_pt, row["failed"])) or "-", row["setting"].figure or "-", row["paper"] or "-",
           row["vs_paper"], f"{row['steps_per_s']:.0f}",
           "; ".join(row["errors"] + [f"{n} x {m}" for m, n in row["warnings"].items()]).replace("|", "\\|")]
@@ -630,6 +651,9 @@ def main(argv: list[str] | None = None) -> int:
     for st in settings:
         proto = protocols[st.protocol]
         for j, s in enumerate(proto.starts):
+            if (st.key, j) not in results:
+                rows.append([st.label, st.protocol, _fmt_point(s), "not run", "", "", "", ""])
+                continue
             r = results[st.key, j]
             tr = r["traj"]
             moved = float(np.linalg.norm(tr[-1] - tr[round(0.8 * (len(tr) - 1))]))
@@ -649,7 +673,8 @@ def main(argv: list[str] | None = None) -> int:
     quick_note = (f" (demo: {q.steps} Adam steps, lr {q.lr:g} decaying linearly to {q.lr * q.lr_end:g}; "
                   "the papers run 35,000 steps at lr 1e-3)") if args.quick else ""
     print(f"Toy problem: which starts reach the Pareto front{quick_note}\n" + terminal_summary(summary))
-    if not args.no_plot:
+    settings = [st for st in settings if any((st.key, j) in results for j in range(len(protocols[st.protocol].starts)))]
+    if not args.no_plot and settings:
         title = ("Toy problem (L1 x 0.1): top, trajectories over the contours of L1 + L2; bottom, the same runs "
                  "in loss space" if args.quick else
                  "Toy problem: trajectories over the contours of L1 + L2; [protocol] when not Nash-MTL's")
