@@ -222,10 +222,10 @@ PROTOCOLS = {
 QUICK = Protocol("quick", 0.1, STARTS, 1_800, 0.035,
                  "demo: Nash-MTL's problem and starts, Adam lr 0.035 decaying linearly to 0.0105", lr_end=0.3)
 
-NASH_FIG = "Nash-MTL paper Fig. 1 (repo misc/toy_pareto_2d.png)"
-FAMO_FIG = "FAMO paper Fig. 1 (repo misc/fig.png)"
-CAGRAD_FIG = "CAGrad paper Fig. 1 (repo misc/cagrad.gif)"
-FAIRGRAD_FIG = "FairGrad paper Fig. 1(b) (repo misc/toy.png)"
+NASH_FIG = "Nash-MTL's toy figure (its repo's misc/toy_pareto_2d.png)"
+FAMO_FIG = "FAMO's toy figure (its repo's misc/fig.png)"
+CAGRAD_FIG = "CAGrad's toy figure (its repo's misc/cagrad.gif)"
+FAIRGRAD_FIG = "FairGrad's toy figure, panel (b) (its repo's misc/toy.png)"
 
 
 @dataclass(frozen=True)
@@ -593,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict = {}
     jobs = [(st, j) for st in settings for j in range(len(protocols[st.protocol].starts))]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for st, j in common.progress(jobs, desc="toy"):
         proto = protocols[st.protocol]
         start = proto.starts[j]
@@ -612,14 +612,14 @@ def main(argv: list[str] | None = None) -> int:
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_bytes(pickle.dumps(results[st.key, j]))
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
 
     summary = summarize(results, settings, protocols)
     name = "toy-quick" if args.quick else "toy"  # --quick never overwrites the full results
     command = "python -m benchmarks toy " + " ".join(argv if argv is not None else [])
     text = [f"# Toy: the two-objective problem of CAGrad / Nash-MTL / FAMO ({'demo' if args.quick else 'full'})\n",
             f"Environment: {common.environment()}\n",
-            f"Command: `{command.strip()}` ({elapsed:.0f} s of runs here)\n"]
+            f"Command: `{command.strip()}` (runs not in the cache: {elapsed:.0f} s wall, {cpu:.0f} s CPU here)\n"]
     used = sorted({st.protocol for st in settings}, key=list(protocols).index)
     text.append("## Protocols\n")
     text.append(common.markdown_table(
