@@ -554,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated setting keys protocol:label, e.g. 'cagrad:cagrad,nash:mean' "
                              "(a subset of what --methods selects; to split a full run between processes)")
     parser.add_argument("--starts", default=None,
-                        help="override the starts, e.g. '9,9;-7.5,-0.5' (default: each protocol's)")
+                        help="override the starts, e.g. --starts='9,9;-7.5,-0.5' (with \"=\" when it begins "
+                             "with a minus sign; default: each protocol's)")
     parser.add_argument("--out", type=Path, default=common.RESULTS,
                         help="folder of toy.md and the plots (--quick: toy-quick.md, toy-quick.png)")
     parser.add_argument("--no-plot", action="store_true", help="skip the plots")
