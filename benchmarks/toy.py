@@ -48,7 +48,6 @@ above the set can have losses within 0.01 of the front.
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import pickle
 import re
@@ -304,19 +303,16 @@ def settings_for(methods, quick: bool = False) -> list[Setting]:
 
 
 def build_method(setting: Setting):
-    """The method object of ``setting`` (a name when it has no arguments). ``gamma`` maps to the
-    argument the library's FAMO has (``weight_decay`` or ``gamma``); a library ``max_norm`` is
-    switched off where the harness clips (so a library default clip never doubles or hides it)."""
+    """The method object of ``setting`` (a name when it has no arguments). The library's own clip
+    of FAMO and FairGrad (``max_norm``, 1.0 by default) is switched off: the harness clips where
+    the setting says so, after ``opt.backward``, as the official scripts do, so a clip is never
+    applied twice or hidden."""
     kwargs = dict(setting.kwargs)
-    if not kwargs and setting.clip == 0.0:
+    if setting.method in ("famo", "fairgrad"):
+        kwargs["max_norm"] = None
+    if not kwargs:
         return setting.method
-    cls = type(make_method(setting.method))
-    params = inspect.signature(cls).parameters
-    if "gamma" in kwargs and "gamma" not in params:
-        kwargs["weight_decay"] = kwargs.pop("gamma")
-    if "max_norm" in params and setting.method in ("famo", "fairgrad"):
-        kwargs["max_norm"] = 0.0
-    return cls(**kwargs)
+    return type(make_method(setting.method))(**kwargs)
 
 
 # ------------------------------------------------------------------------------ running a method

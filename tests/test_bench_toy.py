@@ -108,7 +108,10 @@ def test_loss_gap_is_the_distance_of_the_loss_vector_to_the_front():
 def test_settings_pass_their_arguments_to_the_method():
     by_key = {s.key: s for s in toy.SETTINGS}
     famo = toy.build_method(by_key["famo:famo"])
-    assert famo.hyperparameters()["weight_decay"] == 0.0  # FAMO's toy run.sh: gamma = 0
+    assert famo.hyperparameters()["gamma"] == 0.0  # FAMO's toy run.sh: gamma = 0
+    # the library's own clip is off: the harness clips after opt.backward, as the official scripts do
+    assert famo.hyperparameters()["max_norm"] is None
+    assert toy.build_method(by_key["nash:fairgrad"]).hyperparameters()["max_norm"] is None
     cagrad = toy.build_method(by_key["cagrad:cagrad"])
     assert (cagrad.c, cagrad.rescale) == (0.5, 2)  # CAGrad's toy.py: c = 0.5, g / (1 + c)
     nash_cagrad = toy.build_method(by_key["nash:cagrad"])
