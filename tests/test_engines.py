@@ -182,11 +182,15 @@ def test_compiled_model_takes_the_loop_up_front(engine):
 
 # ---------------------------------------------------------------------------- chunk_size="auto"
 def test_auto_chunk_arithmetic():
-    assert jacobian.auto_chunk(40, 100.0, 1050.0) == 10  # floor(1050 / 100)
+    assert jacobian.auto_chunk(40, 100.0, 750.0) == 7  # floor(750 / 100)
     assert jacobian.auto_chunk(40, 100.0, 99.0) == 1  # never below one task
     assert jacobian.auto_chunk(5, 100.0, 1e9) == 5  # never above k
     assert jacobian.auto_chunk(7, 100.0, None) == 7  # unknown budget: all at once
     assert jacobian.auto_chunk(7, 0.0, 10.0) == 7
+    # never above the measured cap, however much memory there is (or when it is unknown)
+    assert jacobian.AUTO_CHUNK_MAX == 10
+    assert jacobian.auto_chunk(40, 100.0, 1e12) == 10
+    assert jacobian.auto_chunk(40, 100.0, None) == 10
 
 
 def test_memory_budget_is_a_fraction_of_free_memory():
