@@ -62,3 +62,41 @@ def write_result(out: Path, text: str) -> Path:
     out.write_text(text)
     print(f"wrote {out}", file=sys.stderr)
     return out
+
+
+#: one curve of :func:`plot_against_k`: label, line style, points ``(k, time ratio, memory ratio or None)``
+Curve = tuple[str, str, list[tuple[int, float, "float | None"]]]
+
+
+def plot_against_k(panels: dict[str, tuple[str, list[Curve]]], path: Path) -> None:
+    """Time (top row) and peak memory (bottom row), as multiples of a plain step, against the
+    number of tasks k, on log-log axes: one column per model (``{model: (device, curves)}``).
+    A curve's memory points that are ``None`` are left out of the bottom row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(panels), figsize=(6 * len(panels), 8), squeeze=False)
+    for j, (model, (device, curves)) in enumerate(panels.items()):
+        for label, style, pts in curves:
+            pts = sorted(pts)
+            axes[0][j].plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=label)
+            mem = [(p[0], p[2]) for p in pts if p[2] is not None]
+            if mem:
+                axes[1][j].plot([m[0] for m in mem], [m[1] for m in mem], style, marker="o", label=label)
+        for i, what in enumerate(("time", "peak memory")):
+            ax = axes[i][j]
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("k (tasks)")
+            ax.set_ylabel(f"{what} / plain step")
+            ax.set_title(f"{model} ({device}): {what}")
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}", file=sys.stderr)

@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 import gradbalance as gb
-from benchmarks import overhead
+from benchmarks import common, overhead
 from benchmarks.common import RESULTS, environment, markdown_table, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -326,39 +326,16 @@ def report(rows: list[dict], tests: dict | None, command: str, seconds: float) -
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
-    for j, model in enumerate(models):
+    panels: dict[str, tuple[str, list[common.Curve]]] = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
         mrows = [r for r in rows if r["model"] == model]
+        curves: list[common.Curve] = []
         for column in COLUMNS[1:]:
-            pts = [(r["k"], r[column]) for r in mrows if "ratio" in (r.get(column) or {})]
-            if not pts:
-                continue
-            axes[0][j].plot([p[0] for p in pts], [p[1]["ratio"] for p in pts], marker="o", label=TITLES[column])
-            mem = [(k, e["mem_ratio"]) for k, e in pts if "mem_ratio" in e]
-            if mem:
-                axes[1][j].plot([m[0] for m in mem], [m[1] for m in mem], marker="o", label=TITLES[column])
-        for i, what in enumerate(("time", "peak memory")):
-            ax = axes[i][j]
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel("k (tasks)")
-            ax.set_ylabel(f"{what} / plain step")
-            ax.set_title(f"{model} ({mrows[0]['device']}): {what}")
-            ax.grid(True, which="both", alpha=0.3)
-            if ax.lines:
-                ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}", file=sys.stderr)
-
+            cells = [(r["k"], r[column]) for r in mrows if "ratio" in (r.get(column) or {})]
+            if cells:
+                curves.append((TITLES[column], "-", [(k, c["ratio"], c.get("mem_ratio")) for k, c in cells]))
+        panels[model] = (mrows[0]["device"], curves)
+    common.plot_against_k(panels, path)
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks gpu", description=__doc__.splitlines()[0])

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import gradbalance as gb
+from benchmarks import common
 from benchmarks.common import RESULTS, environment, markdown_table, progress, write_result
 from gradbalance.methods.base import TaskInputs, make_method
 from gradbalance.solvers import min_norm_frank_wolfe
@@ -553,38 +554,16 @@ def report(rows: list[dict], descriptions: dict[str, str], command: str, fw: dic
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
-    for j, model in enumerate(models):
+    panels: dict[str, tuple[str, list[common.Curve]]] = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
         mrows = [r for r in rows if r["model"] == model and r["status"] == "ok"]
         labels = [lab for lab in dict.fromkeys(r["label"] for r in mrows)
                   if "(auto)" not in lab or lab.split(" ")[0] in SWEEP]
-        for label in labels:
-            pts = sorted((r["k"], r["ratio"], r.get("mem_ratio")) for r in mrows if r["label"] == label)
-            style = "--" if "LibMTL" in label or "torchjd" in label else "-"
-            axes[0][j].plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=label)
-            if all(p[2] is not None for p in pts):
-                axes[1][j].plot([p[0] for p in pts], [p[2] for p in pts], style, marker="o", label=label)
-        for i, what in enumerate(("time", "peak memory")):
-            ax = axes[i][j]
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel("k (tasks)")
-            ax.set_ylabel(f"{what} / plain step")
-            ax.set_title(f"{model} ({mrows[0]['device'] if mrows else ''}): {what}")
-            ax.grid(True, which="both", alpha=0.3)
-        axes[0][j].legend(fontsize=6)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}", file=sys.stderr)
-
+        curves = [(label, "--" if "LibMTL" in label or "torchjd" in label else "-",
+                   [(r["k"], r["ratio"], r.get("mem_ratio")) for r in mrows if r["label"] == label])
+                  for label in labels]
+        panels[model] = (mrows[0]["device"] if mrows else "", curves)
+    common.plot_against_k(panels, path)
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks overhead", description=__doc__.splitlines()[0])
