@@ -54,7 +54,7 @@ from gradbalance.solvers import min_norm_frank_wolfe
 FULL_KS = (2, 4, 10, 40)
 QUICK_KS = (2, 4)
 SWEEP = ("mgda", "mean", "upgrad")
-SWEEP_ENGINES = ("loop", "batched", "representation", "update_every=10")
+SWEEP_ENGINES = ("loop", "batched", "representation", "recompute_every=10")
 
 try:  # the optional comparison (pip install gradbalance[compare])
     import torchjd
@@ -258,9 +258,9 @@ def make_configs(setup: Setup, methods: list[str], sweep: bool, refs: bool,
             m = gb.methods.MGDA(mode="representation") if method == "mgda" else m
             if m.requires == "gram":
                 m.mode = "representation"
-        every = int(engine.split("=")[1]) if engine.startswith("update_every=") else 1
+        every = int(engine.split("=")[1]) if engine.startswith("recompute_every=") else 1
         opt = gb.GradBalance(torch.optim.SGD(params, lr=1e-4), method=m, shared_params=setup.trunk,
-                             engine=engine if engine in ("loop", "batched") else "auto", update_every=every)
+                             engine=engine if engine in ("loop", "batched") else "auto", recompute_every=every)
         config = Config(f"{method} ({engine})", "ours", method, engine, lambda: None)
 
         def step() -> None:
@@ -278,7 +278,7 @@ def make_configs(setup: Setup, methods: list[str], sweep: bool, refs: bool,
     if sweep:
         for method in sweep_methods:
             for engine in sweep_engines:
-                if engine.startswith("update_every=") and make_method(method).requires == "losses":
+                if engine.startswith("recompute_every=") and make_method(method).requires == "losses":
                     continue  # nothing to reuse: a loss weighting is one backward anyway
                 configs.append(ours(method, engine))
     if not refs:
@@ -528,7 +528,7 @@ def report(rows: list[dict], descriptions: dict[str, str], command: str, fw: dic
                     "`representation` runs the method on the Gram matrix of the gradients w.r.t. the trunk "
                     "output (mgda: MGDA-UB; upgrad: UPGrad with `mode='representation'`), then one "
                     "backward; `mean` is a loss weighting, one backward whatever the engine. "
-                    "`update_every=10`: the weights are recomputed every 10th step and reused in "
+                    "`recompute_every=10`: the weights are recomputed every 10th step and reused in "
                     "between at the cost of one ordinary backward; the median is that of a reused "
                     "step, so the amortised cost is about (9 x this + 1 x auto) / 10. "
                     "'ran' is `StepInfo.engine`.", "",

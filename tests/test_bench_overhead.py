@@ -64,7 +64,7 @@ def test_quick_run_writes_a_row_per_configuration(tmp_path, capsys):
             assert math.isfinite(ratio) and ratio > 0 and math.isfinite(mem) and mem > 0
     for method in overhead.SWEEP:
         for engine in ("auto", *overhead.SWEEP_ENGINES):
-            if method == "mean" and engine.startswith("update_every"):
+            if method == "mean" and engine.startswith("recompute_every"):
                 continue  # a loss weighting has nothing to reuse
             assert any(r.startswith(f"| {method} | {engine} | ") for r in rows), (method, engine)
     assert "LibMTL-style loop + mgda" in text and "ours / loop (mgda)" in text
@@ -77,7 +77,7 @@ def test_run_rows_have_positive_finite_ratios():
     labels = [r["label"] for r in rows]
     expected = ["plain step", "mgda (auto)", "mean (auto)"]
     expected += [f"{m} ({e})" for m in overhead.SWEEP for e in overhead.SWEEP_ENGINES
-                 if not (m == "mean" and e.startswith("update_every"))]
+                 if not (m == "mean" and e.startswith("recompute_every"))]
     expected += ["mgda (LibMTL-style loop)", "upgrad (LibMTL-style loop)"]
     if overhead.torchjd is not None:
         expected += ["mgda (torchjd mtl_backward)", "upgrad (torchjd mtl_backward)"]
@@ -92,7 +92,7 @@ def test_run_rows_have_positive_finite_ratios():
     assert by["mgda (loop)"]["ran"] == "loop" and by["mgda (batched)"]["ran"] == "batched"
     assert by["mgda (representation)"]["ran"] == "representation"
     assert by["mean (auto)"]["ran"] == "losses"
-    assert by["mgda (update_every=10)"]["ran"] == "reused"  # the timed steps reuse the weights
+    assert by["mgda (recompute_every=10)"]["ran"] == "reused"  # the timed steps reuse the weights
 
 
 def test_resnet_path_runs_on_cpu(tmp_path):
