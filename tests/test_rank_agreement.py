@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import gradbalance as gb
-from gradbalance.distributed import RankMismatchError
+from gradbalance import RankMismatchError
 from tests.helpers import MultiTaskNet, make_batch, task_losses
 
 WORLD, K, N = 2, 3, 16
