@@ -58,7 +58,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import gradbalance as gb
 from benchmarks import common, overhead
 from benchmarks.common import RESULTS, environment, markdown_table, write_result
 
@@ -134,29 +133,12 @@ def make_cells(setup: overhead.Setup) -> list[Cell]:
     """The plain step and one cell per column (module docstring), all on the same model."""
     params, shared = setup.params, setup.shared
     cells: list[Cell] = []
-    plain_opt = torch.optim.SGD(params, lr=1e-4)
-
-    def plain() -> None:
-        plain_opt.zero_grad()
-        losses, _ = setup.losses()
-        torch.stack(losses).sum().backward()
-        plain_opt.step()
-
-    cells.append(Cell("plain", plain))
+    cells.append(Cell("plain", overhead.plain_step(setup)))
     for column, method, engine in (("loop", "mgda", "loop"), ("batched", "mgda", "batched"),
                                    ("auto", "mgda", "auto"), ("gram", "mgda", "gram"),
                                    ("representation", "mgda_ub", "auto")):
-        opt = gb.GradBalance(torch.optim.SGD(params, lr=1e-4), method, shared_params=setup.trunk, engine=engine)
         cell = Cell(column, None)
-
-        def step(opt=opt, cell=cell) -> None:
-            opt.zero_grad()
-            losses, z = setup.losses()
-            info = opt.backward(losses, features=z)
-            opt.step()
-            cell.ran = info.engine
-
-        cell.step = step
+        cell.step = overhead.balanced_step(setup, method, cell, engine=engine)
         cells.append(cell)
     if overhead.torchjd is None:
         cells.append(Cell("torchjd", None, status="not installed"))

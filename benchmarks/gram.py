@@ -81,30 +81,11 @@ TORCHJD_WEIGHTINGS = {"mgda": "MGDAWeighting", "upgrad": "UPGradWeighting", "dua
 
 
 def make_configs(setup: Setup, method: str) -> list[Config]:
-    params = setup.params
     configs: list[Config] = []
-    plain_opt = torch.optim.SGD(params, lr=1e-4)
-
-    def plain() -> None:
-        plain_opt.zero_grad()
-        losses, _ = setup.losses()
-        torch.stack(losses).sum().backward()
-        plain_opt.step()
-
-    configs.append(Config("plain step", "plain", "sum", "-", plain))
+    configs.append(Config("plain step", "plain", "sum", "-", overhead.plain_step(setup)))
     for engine in ENGINES:
-        opt = gb.GradBalance(torch.optim.SGD(params, lr=1e-4), method=method, shared_params=setup.trunk,
-                             engine=engine)
         config = Config(f"{method} ({engine})", "ours", method, engine, lambda: None)
-
-        def step(opt=opt, config=config) -> None:
-            opt.zero_grad()
-            losses, z = setup.losses()
-            info = opt.backward(losses, features=z)
-            opt.step()
-            config.ran = info.engine
-
-        config.step = step
+        config.step = overhead.balanced_step(setup, method, config, engine=engine)
         configs.append(config)
     label = f"{method} (torchjd autogram)"
     if AutogramEngine is None:

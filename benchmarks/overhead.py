@@ -40,6 +40,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -236,19 +237,40 @@ class Config:
     mem: float | None = None
 
 
+def plain_step(setup: Setup) -> Callable[[], None]:
+    """One plain step of ``setup``: the summed losses, one backward, ``SGD.step()``."""
+    opt = torch.optim.SGD(setup.params, lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad()
+        losses, _ = setup.losses()
+        torch.stack(losses).sum().backward()
+        opt.step()
+
+    return step
+
+
+def balanced_step(setup: Setup, method: Any, record: Any, **options: Any) -> Callable[[], None]:
+    """One GradBalance step of ``setup`` (``features=z`` given; ``options`` go to GradBalance) that
+    stores the engine that ran in ``record.ran``."""
+    opt = gb.GradBalance(torch.optim.SGD(setup.params, lr=1e-4), method=method, shared_params=setup.trunk,
+                         **options)
+
+    def step() -> None:
+        opt.zero_grad()
+        losses, z = setup.losses()
+        info = opt.backward(losses, features=z)
+        opt.step()
+        record.ran = info.engine
+
+    return step
+
+
 def make_configs(setup: Setup, methods: list[str], sweep: bool, refs: bool,
                  sweep_methods=SWEEP, sweep_engines=SWEEP_ENGINES) -> list[Config]:
     params, shared = setup.params, setup.shared
     configs: list[Config] = []
-    plain_opt = torch.optim.SGD(params, lr=1e-4)
-
-    def plain() -> None:
-        plain_opt.zero_grad()
-        losses, _ = setup.losses()
-        torch.stack(losses).sum().backward()
-        plain_opt.step()
-
-    configs.append(Config("plain step", "plain", "sum", "-", plain))
+    configs.append(Config("plain step", "plain", "sum", "-", plain_step(setup)))
 
     def ours(method: str, engine: str) -> Config:
         m = make_method(method)
@@ -259,18 +281,9 @@ def make_configs(setup: Setup, methods: list[str], sweep: bool, refs: bool,
             if m.requires == "gram":
                 m.mode = "representation"
         every = int(engine.split("=")[1]) if engine.startswith("recompute_every=") else 1
-        opt = gb.GradBalance(torch.optim.SGD(params, lr=1e-4), method=m, shared_params=setup.trunk,
-                             engine=engine if engine in ("loop", "batched") else "auto", recompute_every=every)
         config = Config(f"{method} ({engine})", "ours", method, engine, lambda: None)
-
-        def step() -> None:
-            opt.zero_grad()
-            losses, z = setup.losses()
-            info = opt.backward(losses, features=z)
-            opt.step()
-            config.ran = info.engine
-
-        config.step = step
+        config.step = balanced_step(setup, m, config, engine=engine if engine in ("loop", "batched") else "auto",
+                                    recompute_every=every)
         return config
 
     for method in methods:
