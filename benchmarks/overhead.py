@@ -49,6 +49,7 @@ from torch import Tensor, nn
 import gradbalance as gb
 from benchmarks import common
 from benchmarks.common import RESULTS, environment, markdown_table, progress, write_result
+from benchmarks.models import BasicBlock
 from gradbalance.methods.base import TaskInputs, make_method
 from gradbalance.solvers import min_norm_frank_wolfe
 
@@ -108,36 +109,21 @@ def mlp(k: int, device: str, quick: bool, dtype=torch.float32) -> Setup:
                  f"MLP trunk 3 x Linear({width})+ReLU, k Linear({width}, 10) CE heads, batch {batch}")
 
 
-class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.b1 = nn.BatchNorm2d(cout)
-        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.b2 = nn.BatchNorm2d(cout)
-        self.skip = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.b2(self.c2(F.relu(self.b1(self.c1(x))))) + self.skip(x))
-
-
 def resnet18_trunk(base: int = 64) -> nn.Module:
     """ResNet-18 layout (stem, 4 stages of 2 basic blocks, global pooling) with width ``base``."""
     layers: list[nn.Module] = [nn.Conv2d(3, base, 3, 1, 1, bias=False), nn.BatchNorm2d(base), nn.ReLU()]
     cin = base
     for i, mult in enumerate((1, 2, 4, 8)):
         cout = base * mult
-        layers += [_Block(cin, cout, 1 if i == 0 else 2), _Block(cout, cout, 1)]
+        layers += [BasicBlock(cin, cout, 1 if i == 0 else 2), BasicBlock(cout, cout, 1)]
         cin = cout
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     return nn.Sequential(*layers)
 
 
-def resnet(k: int, device: str, quick: bool) -> Setup:
-    """ResNet-18-style trunk, k Linear(512, 10) heads, batch 64 of 3 x 128 x 128 (quick: tiny)."""
-    base, batch, px = (8, 4, 16) if quick else (64, 64, 128)
+def _resnet_setup(k: int, device: str, base: int, batch: int, px: int, name: str) -> Setup:
+    """:func:`resnet18_trunk` of width ``base``, k Linear(8 base, 10) CE heads, a batch of
+    ``batch`` random 3 x ``px`` x ``px`` images (seeded)."""
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     trunk = resnet18_trunk(base).to(device)
@@ -145,22 +131,20 @@ def resnet(k: int, device: str, quick: bool) -> Setup:
     x = torch.randn(batch, 3, px, px, generator=gen).to(device)
     ys = [torch.randint(0, 10, (batch,), generator=gen).to(device) for _ in range(k)]
     return Setup(trunk, heads, x, ys,
-                 f"ResNet-18-style trunk (width {base}), k Linear({8 * base}, 10) CE heads, "
-                 f"batch {batch} of 3x{px}x{px}")
+                 f"{name}, k Linear({8 * base}, 10) CE heads, batch {batch} of 3x{px}x{px}")
+
+
+def resnet(k: int, device: str, quick: bool) -> Setup:
+    """ResNet-18-style trunk, k Linear(512, 10) heads, batch 64 of 3 x 128 x 128 (quick: tiny)."""
+    base, batch, px = (8, 4, 16) if quick else (64, 64, 128)
+    return _resnet_setup(k, device, base, batch, px, f"ResNet-18-style trunk (width {base})")
 
 
 def conv(k: int, device: str, quick: bool) -> Setup:
     """Small ResNet (ResNet-18 layout, width 16) on 3 x 32 x 32, batch 64, k Linear(128, 10) heads."""
     base, batch, px = (4, 4, 8) if quick else (16, 64, 32)
-    gen = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    trunk = resnet18_trunk(base).to(device)
-    heads = nn.ModuleList(nn.Linear(8 * base, 10) for _ in range(k)).to(device)
-    x = torch.randn(batch, 3, px, px, generator=gen).to(device)
-    ys = [torch.randint(0, 10, (batch,), generator=gen).to(device) for _ in range(k)]
-    return Setup(trunk, heads, x, ys,
-                 f"small ResNet (ResNet-18 layout, width {base}: conv, BN, residual adds, global pooling), "
-                 f"k Linear({8 * base}, 10) CE heads, batch {batch} of 3x{px}x{px}")
+    return _resnet_setup(k, device, base, batch, px,
+                         f"small ResNet (ResNet-18 layout, width {base}: conv, BN, residual adds, global pooling)")
 
 
 class _Text(nn.Module):

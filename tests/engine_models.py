@@ -10,29 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class ResBlock(nn.Module):
-    """conv-BN-ReLU-conv-BN plus a (projected) skip connection, then ReLU."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.b1 = nn.BatchNorm2d(cout)
-        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.b2 = nn.BatchNorm2d(cout)
-        self.skip = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        return F.relu(self.b2(self.c2(F.relu(self.b1(self.c1(x))))) + self.skip(x))
+from benchmarks.models import BasicBlock
 
 
 def resnet_trunk(width: int = 8) -> nn.Module:
     """Stem conv-BN-ReLU-maxpool, two residual blocks (one strided), adaptive average pool."""
     return nn.Sequential(
         nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
-        ResBlock(width, width), ResBlock(width, 2 * width, stride=2),
+        BasicBlock(width, width), BasicBlock(width, 2 * width, stride=2),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(),
     )
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import gradbalance as gb
+from benchmarks.models import BasicBlock
 from gradbalance.methods import GradNorm, TaskInputs
 from gradbalance.methods.gradnorm import last_shared_layer
 from tests.classics_helpers import assert_resume_bit_identical
@@ -242,22 +243,6 @@ def test_sgd_step_is_exactly_w_minus_lr_times_the_gradient():
 
 
 # ------------------------------------------ the default layer: the last shared layer, from the graph
-class _Block(torch.nn.Module):
-    """A ResNet basic block with a projection shortcut (registered after the main path)."""
-
-    def __init__(self, c_in, c_out):
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
-        self.bn1 = torch.nn.BatchNorm2d(c_out)
-        self.conv2 = torch.nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.bn2 = torch.nn.BatchNorm2d(c_out)
-        self.shortcut = torch.nn.Sequential(torch.nn.Conv2d(c_in, c_out, 1, bias=False), torch.nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
-
-
 def _index(params, tensor):
     return next(i for i, p in enumerate(params) if p is tensor)
 
@@ -265,7 +250,7 @@ def _index(params, tensor):
 def _resnet_trunk():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-                               _Block(4, 8), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+                               BasicBlock(4, 8), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
 
 
 def test_default_layer_on_a_resnet_trunk_is_the_last_main_path_conv():
