@@ -49,7 +49,7 @@ from torch import Tensor, nn
 import gradbalance as gb
 from benchmarks import common
 from benchmarks.common import RESULTS, environment, markdown_table, progress, write_result
-from benchmarks.models import BasicBlock
+from benchmarks.models import ResNet
 from gradbalance.methods.base import TaskInputs, make_method
 from gradbalance.solvers import min_norm_frank_wolfe
 
@@ -110,40 +110,44 @@ def mlp(k: int, device: str, quick: bool, dtype=torch.float32) -> Setup:
 
 
 def resnet18_trunk(base: int = 64) -> nn.Module:
-    """ResNet-18 layout (stem, 4 stages of 2 basic blocks, global pooling) with width ``base``."""
-    layers: list[nn.Module] = [nn.Conv2d(3, base, 3, 1, 1, bias=False), nn.BatchNorm2d(base), nn.ReLU()]
-    cin = base
-    for i, mult in enumerate((1, 2, 4, 8)):
-        cout = base * mult
-        layers += [BasicBlock(cin, cout, 1 if i == 0 else 2), BasicBlock(cout, cout, 1)]
-        cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return nn.Sequential(*layers)
+    """ResNet-18 layout (4 stages of 2 basic blocks, global pooling) of width ``base`` with the
+    CIFAR stem (one 3x3/1 conv, no pooling): for 32 x 32 images."""
+    return ResNet(widths=(base, 2 * base, 4 * base, 8 * base), stem="small")
 
 
-def _resnet_setup(k: int, device: str, base: int, batch: int, px: int, name: str) -> Setup:
-    """:func:`resnet18_trunk` of width ``base``, k Linear(8 base, 10) CE heads, a batch of
-    ``batch`` random 3 x ``px`` x ``px`` images (seeded)."""
+def _resnet_setup(k: int, device: str, trunk: nn.Module, width: int, batch: int, px: int, name: str) -> Setup:
+    """``trunk`` (``width`` output features), k Linear(width, 10) CE heads, a batch of ``batch``
+    random 3 x ``px`` x ``px`` images (seeded)."""
     gen = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    trunk = resnet18_trunk(base).to(device)
-    heads = nn.ModuleList(nn.Linear(8 * base, 10) for _ in range(k)).to(device)
+    trunk = trunk.to(device)
+    heads = nn.ModuleList(nn.Linear(width, 10) for _ in range(k)).to(device)
     x = torch.randn(batch, 3, px, px, generator=gen).to(device)
     ys = [torch.randint(0, 10, (batch,), generator=gen).to(device) for _ in range(k)]
-    return Setup(trunk, heads, x, ys,
-                 f"{name}, k Linear({8 * base}, 10) CE heads, batch {batch} of 3x{px}x{px}")
+    return Setup(trunk, heads, x, ys, f"{name}, k Linear({width}, 10) CE heads, batch {batch} of 3x{px}x{px}")
 
 
 def resnet(k: int, device: str, quick: bool) -> Setup:
-    """ResNet-18-style trunk, k Linear(512, 10) heads, batch 64 of 3 x 128 x 128 (quick: tiny)."""
-    base, batch, px = (8, 4, 16) if quick else (64, 64, 128)
-    return _resnet_setup(k, device, base, batch, px, f"ResNet-18-style trunk (width {base})")
+    """ResNet-18 (torchvision's layout: 7x7/2 stem conv and 3x3/2 max pool, 11,176,512 trunk
+    parameters), k Linear(512, 10) heads, batch 64 of 3 x 128 x 128 (quick: width 8, batch 4 of
+    32 x 32).
+
+    The ImageNet stem matters: before 2026-11-30 this setup used the CIFAR stem of
+    :func:`resnet18_trunk` (3x3/1 conv, no pooling) at 128 px, which runs every stage at 4x the
+    resolution, 16x the FLOPs of ResNet-18; the H200 figures measured with it are labelled so.
+    """
+    torch.manual_seed(0)
+    base, batch, px = (8, 4, 32) if quick else (64, 64, 128)
+    trunk = ResNet(widths=(base, 2 * base, 4 * base, 8 * base), stem="imagenet")
+    return _resnet_setup(k, device, trunk, 8 * base, batch, px,
+                         "ResNet-18 (ImageNet stem)" if base == 64 else f"ResNet-18 layout (ImageNet stem, width {base})")
 
 
 def conv(k: int, device: str, quick: bool) -> Setup:
-    """Small ResNet (ResNet-18 layout, width 16) on 3 x 32 x 32, batch 64, k Linear(128, 10) heads."""
+    """Small ResNet (ResNet-18 layout with the CIFAR stem, width 16) on 3 x 32 x 32, batch 64, k
+    Linear(128, 10) heads."""
+    torch.manual_seed(0)
     base, batch, px = (4, 4, 8) if quick else (16, 64, 32)
-    return _resnet_setup(k, device, base, batch, px,
+    return _resnet_setup(k, device, resnet18_trunk(base), 8 * base, batch, px,
                          f"small ResNet (ResNet-18 layout, width {base}: conv, BN, residual adds, global pooling)")
 
 
