@@ -9,7 +9,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from gradbalance.nn._util import task_dict, unique
+from gradbalance.nn.mmoe import MMoE, expert_list
 
 __all__ = ["DSelectK", "DSelectKGate", "smooth_step"]
 
@@ -167,7 +167,7 @@ class DSelectKGate(nn.Module):
         return f"num_experts={self.num_experts}, k={self.k}, gamma={self.gamma}, in_features={self.in_features}"
 
 
-class DSelectK(nn.Module):
+class DSelectK(MMoE):
     """Multi-task mixture of experts with DSelect-k gates: MMoE whose softmax gates are replaced
     by k-sparse differentiable selectors (one :class:`DSelectKGate` per task).
 
@@ -217,23 +217,10 @@ class DSelectK(nn.Module):
 
     def __init__(self, experts: Sequence[nn.Module], towers: Any, k: int = 2, gamma: float = 1.0,
                  in_features: int | None = None) -> None:
-        super().__init__()
-        if isinstance(experts, nn.Module) and not isinstance(experts, nn.ModuleList):
-            raise TypeError("experts must be a list of modules")
-        experts = list(experts)
-        if not experts or not all(isinstance(e, nn.Module) for e in experts):
-            raise ValueError("experts must be a non-empty list of nn.Module")
-        self.experts = nn.ModuleList(experts)
-        self.towers = task_dict(towers, "towers")
-        self.gates = nn.ModuleDict({t: DSelectKGate(len(experts), k, gamma, in_features) for t in self.towers})
-        expert_ids = {id(p) for p in self.experts.parameters()}
-        for t in self.towers:
-            if any(id(p) in expert_ids for p in self.towers[t].parameters()):
-                raise ValueError(f"task {t!r} holds a parameter of the experts (tied weights)")
-
-    @property
-    def task_names(self) -> list[str]:
-        return list(self.towers.keys())
+        experts = expert_list(experts)
+        n_tasks = len(towers)
+        super().__init__(experts, towers, gates=[DSelectKGate(len(experts), k, gamma, in_features)
+                                                 for _ in range(n_tasks)])
 
     def gate_weights(self, x: Tensor) -> dict[str, Tensor]:
         """``{task: (N, n)}`` gate weights (a static gate's ``(n,)`` is repeated over the batch)."""
@@ -243,28 +230,8 @@ class DSelectK(nn.Module):
             out[t] = w.expand(x.shape[0], -1) if w.ndim == 1 else w
         return out
 
-    def forward(self, x: Tensor, return_features: bool = False) -> Any:
-        """``{task: output}``; with ``return_features=True``, ``(outputs, expert outputs)``."""
-        z = torch.stack([e(x) for e in self.experts], dim=1)  # (N, n, d)
-        flat = z.reshape(*z.shape[:2], -1)
-        out = {}
-        for t, w in self.gate_weights(x).items():
-            mixed = (w.to(z.dtype).unsqueeze(-1) * flat).sum(1)
-            out[t] = self.towers[t](mixed.reshape(z.shape[:1] + z.shape[2:]))
-        return (out, z) if return_features else out
-
     def regularization(self, x: Tensor | None = None, entropy_weight: float = 0.0) -> Tensor:
         """The sum over tasks of :meth:`DSelectKGate.regularization` (the entropy regulariser
         times ``entropy_weight``, plus the reachability term when n is not a power of 2)."""
         terms = [cast(DSelectKGate, g).regularization(x, entropy_weight) for g in self.gates.values()]
         return torch.stack(terms).sum()
-
-    def shared_parameters(self) -> list[Tensor]:
-        """The experts' parameters."""
-        return unique(self.experts.parameters())
-
-    def task_parameters(self, name: str) -> list[Tensor]:
-        """Task ``name``'s gate and tower parameters."""
-        if name not in self.towers:
-            raise KeyError(f"unknown task {name!r}; tasks are {self.task_names}")
-        return unique(list(self.gates[name].parameters()) + list(self.towers[name].parameters()))

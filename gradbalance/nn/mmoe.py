@@ -13,6 +13,16 @@ from gradbalance.nn._util import default_gate_input, task_dict, unique
 __all__ = ["MMoE"]
 
 
+def expert_list(experts: Any) -> list[nn.Module]:
+    """``experts`` as a list, checked: a non-empty sequence of modules (not one module)."""
+    if isinstance(experts, nn.Module) and not isinstance(experts, nn.ModuleList):
+        raise TypeError("experts must be a list of modules")
+    experts = list(experts)
+    if not experts or not all(isinstance(e, nn.Module) for e in experts):
+        raise ValueError("experts must be a non-empty list of nn.Module")
+    return experts
+
+
 class MMoE(nn.Module):
     """Multi-gate Mixture-of-Experts (MMoE): tasks share experts, each mixes them its own way.
 
@@ -62,11 +72,7 @@ class MMoE(nn.Module):
     def __init__(self, experts: Sequence[nn.Module], towers: Any, in_features: int | None = None,
                  gates: Any = None) -> None:
         super().__init__()
-        if isinstance(experts, nn.Module) and not isinstance(experts, nn.ModuleList):
-            raise TypeError("experts must be a list of modules")
-        experts = list(experts)
-        if not experts or not all(isinstance(e, nn.Module) for e in experts):
-            raise ValueError("experts must be a non-empty list of nn.Module")
+        experts = expert_list(experts)
         self.experts = nn.ModuleList(experts)
         self.towers = task_dict(towers, "towers")
         n = len(experts)
