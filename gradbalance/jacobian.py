@@ -87,6 +87,9 @@ class TaskGradients:
             ``"compiled graph"`` (loop instead of batched) or ``"shared parameter after
             features"`` (batched from the stacked losses instead of from ``features``).
         chunk: tasks per batched call that ran (``None`` for the loop).
+        touched: per shared parameter, whether autograd gave any task a gradient for it
+            (``False``: no loss reaches it, and its column of ``shared`` is zeros); ``None``
+            where unknown.
     """
 
     shared: Tensor
@@ -96,6 +99,7 @@ class TaskGradients:
     fallback: tuple[str, ...] = ()
     note: str = ""
     chunk: int | None = None
+    touched: list[bool] | None = None
 
 
 def describe(tg: TaskGradients) -> tuple[str, dict[str, object]]:
@@ -198,17 +202,19 @@ def _loop(
     # matrix (``cat(out=row)``): no per-task flat vector and no final ``stack``, so the extra
     # memory is the matrix plus one task's gradients, and one copy of each gradient.
     matrix = _matrix(k, shared)
+    touched = [False] * n
     for i, loss in enumerate(losses):
         keep = retain_graph or i < k - 1
         grads = torch.autograd.grad(loss, params, retain_graph=keep, allow_unused=True)
         reached.append(any(g is not None for g in grads[:n]))
+        touched = [t or g is not None for t, g in zip(touched, grads[:n])]
         torch.cat(
             [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads[:n], shared)],
             out=matrix[i],
         )
         head_grads.append(list(grads[n:]))
         del grads
-    return TaskGradients(matrix, head_grads, reached, "loop")
+    return TaskGradients(matrix, head_grads, reached, "loop", touched=touched)
 
 
 def _matrix(k: int, shared: Sequence[Tensor]) -> Tensor:
@@ -466,7 +472,7 @@ def task_gradients(
                     matrix[i, a:b] += g.reshape(-1).to(matrix.dtype)
                     reached_p[where[id(p)]] = True
     reached = [True] * k if any(reached_p) else [False] * k
-    return TaskGradients(matrix, head_grads, reached, "batched", fallback, chunk=used)
+    return TaskGradients(matrix, head_grads, reached, "batched", fallback, chunk=used, touched=reached_p)
 
 
 def _offsets(params: Sequence[Tensor]) -> list[tuple[int, int]]:
@@ -494,7 +500,7 @@ def _from_losses(losses: Sequence[Tensor], shared: Sequence[Tensor], heads: Sequ
     head_grads = [
         [head_rows[j][i] if reached_p[n + j] else None for j in range(len(heads))] for i in range(k)
     ]
-    return TaskGradients(matrix, head_grads, reached, "batched", fallback, chunk=used)
+    return TaskGradients(matrix, head_grads, reached, "batched", fallback, chunk=used, touched=reached_p[:n])
 
 
 def feature_gradients(losses: Sequence[Tensor], features: Tensor) -> tuple[Tensor, list[bool]]:

@@ -82,6 +82,8 @@ def _run(ctx: StepContext, gram_rule: GramRule) -> StepResult:
     new: list[Tensor | None] = list(jacobian.unflatten(direction, shared))
     head_out = combine_heads(head_grads, hw, len(heads))
     new, head_out = ctx.reducer.finish(new, head_out, shared, heads)
+    if not ctx.reducer.distributed:
+        new = _leave_unreached(new, tg.touched, ctx.window.written)
     contribution = ctx.scaling.rescale(new + head_out)
     engine, engine_extras = jacobian.describe(tg)
     return StepResult(
@@ -91,6 +93,18 @@ def _run(ctx: StepContext, gram_rule: GramRule) -> StepResult:
                                    gram=kept_gram),
         gram=gram, walk_is_blind=blind, batched_failed=failed, extras=dict(engine_extras),
     )
+
+
+def _leave_unreached(new: list[Tensor | None], touched: list[bool] | None,
+                     written: list[Tensor | None] | None) -> list[Tensor | None]:
+    """No gradient for a shared parameter that no loss of the window reaches, as a plain
+    ``loss.backward()`` leaves its ``.grad`` alone (so an optimizer skips it: no weight decay, no
+    momentum step). Single process only: under distributed training another rank may reach it,
+    and every rank writes the same (zero) gradient."""
+    if touched is None:
+        return new
+    return [g if touched[j] or (written is not None and written[j] is not None) else None
+            for j, g in enumerate(new)]
 
 
 def _direction(ctx: StepContext, agg: Aggregation, grads: Tensor) -> Tensor:
