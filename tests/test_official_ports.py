@@ -257,3 +257,145 @@ def _offsets(params):
         out.append(o)
         o += p.numel()
     return out
+
+
+# ------------------------------------------------------------------------------------- CAGrad
+def _official_cagrad(grads: torch.Tensor, alpha: float, rescale: int = 1, **minimize_options) -> torch.Tensor:
+    """Cranial-XIX/CAGrad ``nyuv2/utils.py``, ``cagrad`` (lines 377-401), for ``k`` tasks (the
+    file hard-codes 3): ``GG = G^T G``; ``g0_norm = sqrt(mean(GG) + 1e-8)``; SciPy ``minimize``
+    (SLSQP, its default options, numerical gradient) of ``x^T GG b + c sqrt(x^T GG x + 1e-8)``
+    with ``b = 1/k``, ``c = alpha g0_norm + 1e-8``, from ``1/k``, on ``[0, 1]^k`` with
+    ``sum x = 1``; ``lmbda = c / (|g_w| + 1e-8)``; ``g = mean_i g_i + lmbda g_w`` divided by
+    ``1 + alpha^2`` (``rescale=1``, what the NYUv2 training calls, line 525). ``grads`` is
+    ``(P, k)`` as ``grad2vec`` fills it (lines 403-415). ``minimize_options`` only to tighten the
+    solver for a comparison below the official tolerance."""
+    from scipy.optimize import minimize
+
+    k = grads.shape[1]
+    gg = (grads.t() @ grads).cpu()
+    g0_norm = (gg.mean() + 1e-8).sqrt()
+    x_start = np.ones(k) / k
+    a, b = gg.numpy(), x_start.copy()
+    c = float(alpha * g0_norm + 1e-8)
+
+    def objfn(x):
+        return float(x @ a @ b + c * np.sqrt(x @ a @ x + 1e-8))
+
+    res = minimize(objfn, x_start, bounds=[(0, 1)] * k, constraints=({"type": "eq", "fun": lambda x: 1 - sum(x)},),
+                   **({"options": minimize_options} if minimize_options else {}))
+    ww = torch.from_numpy(res.x).to(grads)
+    gw = (grads * ww.view(1, -1)).sum(1)
+    g = grads.mean(1) + c / (gw.norm() + 1e-8) * gw
+    return g if rescale == 0 else g / (1 + alpha**2) if rescale == 1 else g / (1 + alpha)
+
+
+def _official_overwrite_grad(params, newgrad: torch.Tensor, k: int) -> None:
+    """``nyuv2/utils.py`` ``overwrite_grad`` (lines 417-426): the shared gradients are set to
+    ``newgrad * 3`` ("to match the sum loss"; ``* 2`` in ``cityscapes/utils.py`` line 403 with 2
+    tasks), i.e. ``k`` times the CAGrad direction."""
+    _write(params, newgrad * k)
+
+
+def _cagrad_setup():
+    """3 tasks (the official NYUv2 count) whose weights land inside the simplex (w* ~ (0.85, 0,
+    0.15)): a vertex solution would hide a solver difference. Same readout on every head, the
+    second target opposed to the first."""
+    k = 3
+    trunk, heads = _mlp(k, 4)
+    with torch.no_grad():
+        for h in heads[1:]:
+            h.weight.copy_(heads[0].weight)
+    x, y = _data(k, 14)
+    y[:, 1] = -y[:, 0] + 0.3 * y[:, 1]
+    return trunk, heads, x, y
+
+
+def _cagrad_official_step(trunk, heads, x, y, alpha, times_k, **minimize_options):
+    """One official NYUv2 step (``model_segnet_mt.py``-style loop in ``nyuv2/utils.py`` lines
+    517-527): each loss backpropagated, the shared gradients collected and cleared, the heads
+    keeping their own task's gradient; then ``cagrad`` and ``overwrite_grad``."""
+    shared, head_params = list(trunk.parameters()), list(heads.parameters())
+    losses = _head_losses(trunk, heads, x, y)
+    k = len(losses)
+    grads = _task_grads(losses, shared)
+    _write(head_params, _task_grads(losses, head_params).sum(0))
+    direction = _official_cagrad(grads.t(), alpha, rescale=1, **minimize_options)
+    if times_k:
+        _official_overwrite_grad(shared, direction, k)
+    else:
+        _write(shared, direction)
+
+
+def test_cagrad_direction_matches_the_official_nyuv2_cagrad():
+    """gradbalance's default CAGrad (c = 0.4, ``rescale=1``) gives the official ``cagrad``
+    direction, heads their own gradient, for 4 SGD steps. The port's SLSQP runs with
+    ``ftol=1e-12`` (see the next test for the official default). rtol 1e-5, atol 1e-7: the dual
+    objective is flat at the optimum, so two SLSQP solves at ftol 1e-12 (the port's on ``M`` with
+    ``+1e-8`` terms and a numerical gradient, gradbalance's on the trace-normalised ``M`` with the
+    exact gradient) return weights 1e-6 apart (measured: 0.300982 vs 0.300983 at step 2), which
+    moves single gradient entries by up to 2.5e-5 relative (1.2e-8 absolute).
+    The port writes the direction itself, not ``k`` times it as ``overwrite_grad`` does: that
+    factor is the xfail below."""
+    trunk_a, heads_a, x, y = _cagrad_setup()
+    trunk_b, heads_b, _, _ = _cagrad_setup()
+    params_a = list(trunk_a.parameters()) + list(heads_a.parameters())
+    params_b = list(trunk_b.parameters()) + list(heads_b.parameters())
+    opt_a = torch.optim.SGD(params_a, lr=0.2)
+    opt_b = gb.GradBalance(torch.optim.SGD(params_b, lr=0.2), "cagrad", shared_params=trunk_b)
+    lambdas = []
+    for _ in range(4):
+        opt_a.zero_grad()
+        _cagrad_official_step(trunk_a, heads_a, x, y, 0.4, times_k=False, ftol=1e-12)
+        opt_b.zero_grad()
+        info = opt_b.backward(_head_losses(trunk_b, heads_b, x, y))
+        lambdas.append(info.extras["lambda"])
+        _assert_same([p.grad for p in params_a], [p.grad for p in params_b], rtol=1e-5, atol=1e-7, what="grad")
+        opt_a.step()
+        opt_b.step()
+        _assert_same(params_a, params_b, rtol=1e-5, atol=1e-7)
+    assert min(lambdas) > 0.1  # the conflict-averse term acted on every step
+
+
+def test_cagrad_matches_the_official_solver_at_its_default_tolerance():
+    """With the official SciPy defaults (SLSQP ftol 1e-6, numerical gradient) the official
+    weights stop short of the optimum: the directions agree to 2e-3 in norm only (measured 4.4e-4),
+    and gradbalance's objective value is not above the official one (it is the better solve)."""
+    from gradbalance.methods import CAGrad
+
+    trunk, heads, x, y = _cagrad_setup()
+    shared = list(trunk.parameters())
+    grads = _task_grads(_head_losses(trunk, heads, x, y), shared)
+    official = _official_cagrad(grads.t(), 0.4, rescale=1)
+    method = CAGrad()
+    w, lam, _ = method.solve(grads @ grads.T)
+    ours = (torch.full((3,), 1 / 3, dtype=D) + lam * torch.from_numpy(w)) / (1 + 0.16) @ grads
+    gap = float((ours - official).norm() / official.norm())
+    assert 1e-6 < gap < 2e-3  # close, and the default tolerance is visible
+
+    g0 = grads.mean(0)
+
+    def dual(v):  # the CAGrad dual objective on the original gradients
+        gw = torch.from_numpy(np.asarray(v)) @ grads
+        return float(gw @ g0 + 0.4 * g0.norm() * gw.norm())
+
+    gw_official = official * 1.16 - g0  # = lmbda g_w of the official solve
+    w_official = torch.linalg.lstsq(grads.T, gw_official.unsqueeze(1)).solution.squeeze(1)
+    w_official = (w_official / w_official.sum()).numpy()
+    assert dual(w) <= dual(w_official) + 1e-12
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "DISCREPANCY: the official NYUv2/CityScapes code multiplies the CAGrad direction by k in "
+    "overwrite_grad ('to match the sum loss', nyuv2/utils.py line 418, cityscapes/utils.py line 403); "
+    "gradbalance's shared gradient is the direction itself (gradbalance/methods/cagrad.py "
+    "lines 106-107: weights (1/k + lam w)/(1 + c^2)), so its shared step is 1/k of the official one; "
+    "docs/methods/deviations.md does not mention it"))
+def test_cagrad_shared_gradient_is_the_official_one_including_overwrite_grads_factor():
+    trunk_a, heads_a, x, y = _cagrad_setup()
+    trunk_b, heads_b, _, _ = _cagrad_setup()
+    params_a = list(trunk_a.parameters()) + list(heads_a.parameters())
+    params_b = list(trunk_b.parameters()) + list(heads_b.parameters())
+    _cagrad_official_step(trunk_a, heads_a, x, y, 0.4, times_k=True, ftol=1e-12)
+    opt_b = gb.GradBalance(torch.optim.SGD(params_b, lr=0.2), "cagrad", shared_params=trunk_b)
+    opt_b.backward(_head_losses(trunk_b, heads_b, x, y))
+    _assert_same([p.grad for p in params_a], [p.grad for p in params_b], rtol=1e-5, atol=1e-7, what="grad")
