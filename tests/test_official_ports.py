@@ -508,3 +508,50 @@ def test_nash_mtl_matches_a_port_of_the_official_class(k, every, max_norm):
         _assert_same(params_a, params_b, rtol=1e-5, atol=1e-7)
     if max_norm < 1:
         assert max(clips) < 1.0  # the clip acted on every step
+
+
+# ---------------------------------------------------------------------------------------- DWA
+def _official_dwa_weights(avg_cost: np.ndarray, index: int, temp: float) -> np.ndarray:
+    """lorenmt/mtan ``im2im_pred/utils.py``, ``multi_task_trainer`` (lines 138-147): weights 1 in
+    epochs 0 and 1, then ``w_i = avg_cost[index-1, i] / avg_cost[index-2, i]`` and
+    ``lambda_i = K exp(w_i / T) / sum_j exp(w_j / T)`` (K = 3 there); ``avg_cost`` is float32,
+    the epoch's mean training loss (line 181: ``+= cost / train_batch``)."""
+    k = avg_cost.shape[1]
+    if index in (0, 1):
+        return np.ones(k)
+    w = avg_cost[index - 1] / avg_cost[index - 2]
+    return k * np.exp(w / temp) / np.exp(w / temp).sum()
+
+
+def test_dwa_matches_the_official_mtan_trainer():
+    """5 epochs of 3 batches: the official trainer (``sum_i lambda_i L_i``, lines 165-166, then
+    the epoch's mean losses) and gradbalance's DWA with ``epoch_end()`` after each epoch give the
+    same weights and parameters. rtol 1e-5: the official average is kept in float32."""
+    from gradbalance.methods import DWA
+
+    k, epochs, batches = 3, 5, 3
+    trunk_a, heads_a = _mlp(k, 9)
+    trunk_b, heads_b = _mlp(k, 9)
+    data = [_data(k, 20 + b) for b in range(batches)]
+    params_a = list(trunk_a.parameters()) + list(heads_a.parameters())
+    params_b = list(trunk_b.parameters()) + list(heads_b.parameters())
+    opt_a = torch.optim.SGD(params_a, lr=0.05)
+    opt_b = gb.GradBalance(torch.optim.SGD(params_b, lr=0.05), DWA(temperature=2.0), shared_params=trunk_b)
+    avg_cost = np.zeros((epochs, k), dtype=np.float32)
+    spread = 0.0
+    for index in range(epochs):
+        lam = _official_dwa_weights(avg_cost, index, 2.0)
+        for x, y in data:
+            opt_a.zero_grad()
+            losses = _head_losses(trunk_a, heads_a, x, y)
+            sum(float(lam[i]) * losses[i] for i in range(k)).backward()
+            opt_a.step()
+            avg_cost[index] += np.array([v.detach().item() for v in losses], dtype=np.float32) / batches
+            opt_b.zero_grad()
+            info = opt_b.backward(_head_losses(trunk_b, heads_b, x, y))
+            opt_b.step()
+            torch.testing.assert_close(info.weights, torch.from_numpy(lam).to(D), rtol=1e-5, atol=0)
+            _assert_same(params_a, params_b, rtol=1e-5, atol=1e-8)
+        opt_b.method.epoch_end()
+        spread = max(spread, float(lam.max() - lam.min()))
+    assert spread > 1e-3  # the weights moved away from 1
