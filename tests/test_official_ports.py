@@ -555,3 +555,170 @@ def test_dwa_matches_the_official_mtan_trainer():
         opt_b.method.epoch_end()
         spread = max(spread, float(lam.max() - lam.min()))
     assert spread > 1e-3  # the weights moved away from 1
+
+
+# ---------------------------------------------------------------------------- torchjd 0.18
+def _grams():
+    """Task-gradient matrices with conflicts: full row rank (k = 2..5, P = 9) at three scales,
+    and one with more tasks than dimensions (k = 4, P = 3: rank-deficient Gram)."""
+    out = []
+    gen = torch.Generator().manual_seed(11)
+    for k, p, scale in [(2, 9, 1.0), (3, 9, 1e-3), (4, 9, 1.0), (5, 9, 1e3), (4, 3, 1.0)]:
+        g = torch.randn(k, p, generator=gen, dtype=D)
+        g[1] = -0.8 * g[0] + 0.4 * g[1]  # a strong conflict
+        out.append(g * scale)
+    return out
+
+
+def _gb_weights(method, g: torch.Tensor) -> torch.Tensor:
+    from gradbalance.methods import TaskInputs
+
+    return method.aggregate(TaskInputs(losses=torch.ones(g.shape[0], dtype=D), gram=g @ g.T)).weights
+
+
+@pytest.mark.parametrize("name", ["upgrad", "dualproj"])
+def test_dual_cone_methods_match_torchjd(name):
+    """torchjd 0.18 ``UPGradWeighting`` / ``DualProjWeighting`` (``aggregation/_upgrad.py``
+    lines 35-38, ``_dualproj.py`` lines 34-37) project with quadprog on the Gram matrix
+    normalised by its trace plus ``1e-4 I`` (``_linalg/_dual_cone.py`` lines 107-124); that is
+    gradbalance's ``reg=1e-4``. Without the regulariser (quadprog's ``reg_eps=0``, full-rank
+    cases only) it is gradbalance's exact default. torchjd also replaces a Gram matrix of trace
+    below ``norm_eps = 1e-4`` by zero (``_linalg/_gramian.py`` lines 64-68: an absolute
+    threshold, so gradients of total squared norm below 1e-4 are not projected at all);
+    gradbalance is scale-invariant, so the comparison sets ``norm_eps=0`` and the default's
+    behaviour is checked on the small-scale case separately."""
+    tj = pytest.importorskip("torchjd.aggregation")
+    pytest.importorskip("quadprog")
+    from torchjd._linalg import QuadprogProjector
+
+    from gradbalance.methods import DualProj, UPGrad
+
+    ours_cls, theirs_cls = {"upgrad": (UPGrad, tj.UPGradWeighting), "dualproj": (DualProj, tj.DualProjWeighting)}[name]
+    for g in _grams():
+        m = g @ g.T
+        theirs = theirs_cls(projector=QuadprogProjector(norm_eps=0.0))(m)
+        torch.testing.assert_close(_gb_weights(ours_cls(reg=1e-4), g), theirs, rtol=1e-6, atol=1e-9)
+        if float(m.trace()) >= 1e-4:
+            torch.testing.assert_close(theirs_cls()(m), theirs, rtol=1e-12, atol=1e-15)
+        else:  # torchjd's default does not project: the plain mean / u
+            torch.testing.assert_close(theirs_cls()(m), torch.full_like(theirs, 1 / len(theirs)))
+            assert (theirs - 1 / len(theirs)).abs().max() > 1e-2  # while the projection moves it
+        if g.shape[0] <= g.shape[1]:
+            exact = theirs_cls(projector=QuadprogProjector(norm_eps=0.0, reg_eps=0.0))(m)
+            torch.testing.assert_close(_gb_weights(ours_cls(), g), exact, rtol=1e-6, atol=1e-9)
+
+
+def test_mgda_matches_torchjd_where_its_frank_wolfe_is_exact_and_is_never_worse():
+    """torchjd 0.18 ``MGDAWeighting`` (``aggregation/_mgda.py`` lines 24-50): Frank-Wolfe from
+    ``1/k`` with the two-vector line search, stopping when the step ``gamma < epsilon`` (1e-3)
+    or after 100 iterations. With 2 tasks the first line search is exact, so the weights agree
+    to rounding. With more, Frank-Wolfe stops early: its ``|d|^2`` is above gradbalance's exact
+    min-norm value (measured +2%, +32%, +44%, +42% on the k = 3, 4, 5 and rank-deficient cases)
+    and comes down towards it with more iterations, never below it."""
+    tj = pytest.importorskip("torchjd.aggregation")
+    from gradbalance.methods import MGDA
+
+    for g in _grams():
+        m = g @ g.T
+        ours = _gb_weights(MGDA(), g)
+        value = float(ours @ m @ ours)
+        if g.shape[0] == 2:
+            torch.testing.assert_close(ours, tj.MGDAWeighting()(m), rtol=1e-10, atol=1e-12)
+            continue
+        gaps = []
+        for iters in (100, 1000):
+            theirs = tj.MGDAWeighting(epsilon=1e-12, max_iters=iters)(m)
+            gaps.append(float(theirs @ m @ theirs) / value - 1)
+        assert 0 < gaps[1] < gaps[0]
+
+
+def test_imtl_g_matches_torchjd():
+    """torchjd 0.18 ``IMTLGWeighting`` (``aggregation/_imtl_g.py`` lines 19-24):
+    ``v = pinv(M) sqrt(diag M)``, weights ``v / sum v``. gradbalance's eq.-9 form gives the same
+    weights where the gradients are independent; with more tasks than dimensions the two
+    generalisations differ (not compared)."""
+    tj = pytest.importorskip("torchjd.aggregation")
+    from gradbalance.methods import IMTLG
+
+    for g in _grams():
+        if g.shape[0] <= g.shape[1]:
+            torch.testing.assert_close(_gb_weights(IMTLG(), g), tj.IMTLGWeighting()(g @ g.T), rtol=1e-8, atol=1e-12)
+
+
+def test_cagrad_matches_torchjd():
+    """torchjd 0.18 ``CAGradWeighting`` (``aggregation/_cagrad.py`` lines 46-73): the same dual on
+    the trace-normalised Gram matrix, solved by cvxpy/CLARABEL, weights ``1/k + (c|g0| / |g_w|) w``
+    with no rescale: gradbalance's ``CAGrad(c, rescale=0)``. rtol 1e-4: two solvers (CLARABEL's
+    interior point vs SLSQP at ftol 1e-12; measured up to 4.3e-5 apart at c = 1), and
+    gradbalance's dual objective is not above torchjd's. ``norm_eps=0``: torchjd's default
+    ``1e-4`` zeroes a Gram matrix of trace below 1e-4 and then returns ZERO weights (lines 47, 64-69),
+    checked on the small-scale case."""
+    tj = pytest.importorskip("torchjd.aggregation")
+    from gradbalance.methods import CAGrad
+
+    def dual(weights, m, c):  # the CAGrad dual objective at the w behind the weights
+        k = len(weights)
+        lam = float(weights.sum()) - 1.0
+        w = (weights - 1.0 / k) / lam
+        g0_sq = float(m.sum()) / k**2
+        return float(w @ m @ torch.full((k,), 1.0 / k, dtype=D)) + c * g0_sq**0.5 * float(w @ m @ w) ** 0.5
+
+    for c in (0.4, 1.0):
+        for g in _grams():
+            m = g @ g.T
+            theirs = tj.CAGradWeighting(c=c, norm_eps=0.0)(m)
+            ours = _gb_weights(CAGrad(c=c, rescale=0), g)
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-7)
+            assert dual(ours, m, c) <= dual(theirs, m, c) + 1e-9 * abs(dual(theirs, m, c))
+            if float(m.trace()) < 1e-4:
+                assert not tj.CAGradWeighting(c=c)(m).any()
+
+
+def test_pcgrad_matches_torchjd_with_the_same_permutations():
+    """torchjd 0.18 ``PCGradWeighting`` (``aggregation/_pcgrad.py`` lines 20-47): for each task a
+    ``torch.randperm(k)`` from the GLOBAL generator, the task itself skipped, projections on the
+    original gradients, weights summed. gradbalance's orders are set to the same permutations."""
+    tj = pytest.importorskip("torchjd.aggregation")
+
+    for g in _grams():
+        k = g.shape[0]
+        torch.manual_seed(3)
+        theirs = tj.PCGradWeighting()(g @ g.T)
+        torch.manual_seed(3)
+        perms = [[int(j) for j in torch.randperm(k) if int(j) != i] for i in range(k)]
+        method = PCGrad()
+        method.orders = lambda k, gen, perms=perms: perms
+        torch.testing.assert_close(_gb_weights(method, g), theirs, rtol=1e-12, atol=1e-15)
+
+
+def test_upgrad_training_matches_torchjd_mtl_backward():
+    """End to end: torchjd's ``mtl_backward`` + ``jac_to_grad`` with ``UPGrad()`` (shared
+    parameters get the aggregated Jacobian, heads their own gradient) and gradbalance's
+    ``UPGrad(reg=1e-4)`` give the same gradients and parameters over 4 Adam steps."""
+    pytest.importorskip("quadprog")
+    tj = pytest.importorskip("torchjd.aggregation")
+    autojac = pytest.importorskip("torchjd.autojac")
+    from gradbalance.methods import UPGrad
+
+    k = 3
+    trunk_a, heads_a = _mlp(k, 12)
+    trunk_b, heads_b = _mlp(k, 12)
+    x, y = _data(k, 13)
+    y[:, 1] = -y[:, 0]
+    params_a = list(trunk_a.parameters()) + list(heads_a.parameters())
+    params_b = list(trunk_b.parameters()) + list(heads_b.parameters())
+    opt_a = torch.optim.Adam(params_a, lr=0.01)
+    opt_b = gb.GradBalance(torch.optim.Adam(params_b, lr=0.01), UPGrad(reg=1e-4), shared_params=trunk_b)
+    for _ in range(4):
+        opt_a.zero_grad()
+        z = trunk_a(x)
+        losses = [((h(z).squeeze(-1) - y[:, i]) ** 2).mean() * (1.0, 3.0, 0.5)[i] for i, h in enumerate(heads_a)]
+        autojac.mtl_backward(losses, features=z)
+        autojac.jac_to_grad(list(trunk_a.parameters()), tj.UPGrad())
+        opt_b.zero_grad()
+        info = opt_b.backward(_head_losses(trunk_b, heads_b, x, y))
+        _assert_same([p.grad for p in params_a], [p.grad for p in params_b], rtol=1e-6, atol=1e-10, what="grad")
+        opt_a.step()
+        opt_b.step()
+        _assert_same(params_a, params_b, rtol=1e-6, atol=1e-10)
+    assert not torch.allclose(info.weights, torch.ones(k, dtype=D))  # the projection acted
