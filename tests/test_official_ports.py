@@ -728,3 +728,172 @@ def test_upgrad_training_matches_torchjd_mtl_backward():
         opt_b.step()
         _assert_same(params_a, params_b, rtol=1e-6, atol=1e-10)
     assert not torch.allclose(info.weights, torch.ones(k, dtype=D))  # the projection acted
+
+
+# ------------------------------------------------------------- LibMTL: GradVac, DB-MTL, IMTL
+# median-research-group/LibMTL at 4336804. Its trainer (weighting/abstract_weighting.py,
+# ``_compute_grad`` lines 37-55) backpropagates each task loss on its own, copies the shared
+# gradients into a (k, P) matrix and clears them, so each head keeps its own task's gradient;
+# ``_reset_grad`` (lines 67-74) then overwrites the shared gradients. ``_grad2vec`` (lines 26-35)
+# fills a float32 buffer (the default dtype); the ports keep the model's float64.
+def _libmtl_step(trunk, heads, losses, combine) -> None:
+    shared, head_params = list(trunk.parameters()), list(heads.parameters())
+    grads = _task_grads(losses, shared)
+    _write(head_params, _task_grads(losses, head_params).sum(0))
+    _write(shared, combine(grads))
+
+
+def _official_gradvac(grads: torch.Tensor, rho_t: torch.Tensor, beta: float, orders, eps: float = 1e-8) -> torch.Tensor:
+    """LibMTL ``weighting/GradVac.py`` ``backward`` (lines 45-77) with ``group_type=0``
+    (whole model, one group): for each task, the other tasks in ``random.shuffle`` order
+    (``orders`` replaces it), ``rho = cos(g_i^v, g_j)`` with ``+1e-8`` in the denominator
+    (line 68); below the target ``rho_T`` the move of line 70 along the ORIGINAL ``g_j``; the
+    target updated from the pre-move ``rho`` for every pair (line 73); the sum (line 74).
+    ``rho_T`` is updated in place. ``eps`` is LibMTL's ``1e-8`` (0 to isolate the rule)."""
+    pc = grads.clone()
+    for i in range(grads.shape[0]):
+        for j in orders[i]:
+            rho = (pc[i] @ grads[j]) / (pc[i].norm() * grads[j].norm() + eps)
+            target = rho_t[i, j].clone()
+            if rho < target:
+                w = pc[i].norm() * (target * (1 - rho**2).sqrt() - rho * (1 - target**2).sqrt()) / (
+                    grads[j].norm() * (1 - target**2).sqrt() + eps)
+                pc[i] = pc[i] + grads[j] * w
+            rho_t[i, j] = (1 - beta) * target + beta * rho
+    return pc.sum(0)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-8])
+def test_gradvac_matches_libmtl(eps):
+    """5 SGD steps with LibMTL's ``beta = 0.5``, the same orders on both sides (gradbalance's
+    documented ``randperm`` scheme from its seed): same gradients, parameters and targets.
+    Without LibMTL's ``+1e-8`` (``eps=0``) to rounding (rtol 1e-9); with it, rtol 1e-5 /
+    atol 1e-8 (measured: 2.9e-9 on the largest entry, gradients ~1e-2)."""
+    from gradbalance.methods import GradVac
+
+    rtol, atol = (1e-9, 1e-12) if eps == 0 else (1e-5, 1e-8)
+    k, seed = 3, 4
+    trunk_a, heads_a = _mlp(k, 15)
+    trunk_b, heads_b = _mlp(k, 15)
+    x, y = _data(k, 16)
+    y[:, 1] = -y[:, 0] + 0.2 * y[:, 1]
+    params_a = list(trunk_a.parameters()) + list(heads_a.parameters())
+    params_b = list(trunk_b.parameters()) + list(heads_b.parameters())
+    opt_a = torch.optim.SGD(params_a, lr=0.1)
+    opt_b = gb.GradBalance(torch.optim.SGD(params_b, lr=0.1), GradVac(beta=0.5, seed=seed), shared_params=trunk_b)
+    rho_t = torch.zeros(k, k, dtype=D)
+    gen = torch.Generator().manual_seed(seed)
+    corrections = 0
+    for _ in range(5):
+        orders = _pcgrad_orders(k, gen)
+        opt_a.zero_grad()
+        _libmtl_step(trunk_a, heads_a, _head_losses(trunk_a, heads_a, x, y),
+                     lambda g, orders=orders: _official_gradvac(g, rho_t, 0.5, orders, eps))
+        opt_b.zero_grad()
+        info = opt_b.backward(_head_losses(trunk_b, heads_b, x, y))
+        corrections += info.extras["corrections"]
+        _assert_same([p.grad for p in params_a], [p.grad for p in params_b], rtol=rtol, atol=atol, what="grad")
+        opt_a.step()
+        opt_b.step()
+        _assert_same(params_a, params_b, rtol=rtol, atol=atol)
+    targets = opt_b.method.state_dict()["targets"]
+    torch.testing.assert_close(targets, rho_t, rtol=rtol, atol=atol)
+    assert corrections > 0
+
+
+class _OfficialDBMTL:
+    """LibMTL ``weighting/DB_MTL.py`` (lines 8-38): gradients of ``log(L_i + 1e-8)`` (line 28),
+    ``buffer <- g + beta / t^sigma (buffer - g)`` from zeros (line 30), scales
+    ``max |buffer_j| / (|buffer_i| + 1e-8)`` (lines 32-34), shared gradient
+    ``sum_i alpha_i buffer_i`` (line 35). Heads: the gradient of their log loss. ``eps`` is
+    LibMTL's ``1e-8`` (0 to isolate the rule)."""
+
+    def __init__(self, beta, beta_sigma, eps=1e-8):
+        self.beta, self.sigma, self.eps, self.step, self.buffer = beta, beta_sigma, eps, 0, None
+
+    def __call__(self, trunk, heads, losses):
+        self.step += 1
+        logs = [torch.log(v + self.eps) for v in losses]
+
+        def combine(g):
+            buf = torch.zeros_like(g) if self.buffer is None else self.buffer
+            self.buffer = g + (self.beta / self.step**self.sigma) * (buf - g)
+            norms = self.buffer.norm(dim=-1)
+            return ((norms.max() / (norms + self.eps))[:, None] * self.buffer).sum(0)
+
+        _libmtl_step(trunk, heads, logs, combine)
+
+
+@pytest.mark.parametrize(("beta_sigma", "eps"), [(0.0, 0.0), (0.5, 0.0), (0.0, 1e-8)])
+def test_db_mtl_matches_libmtl(beta_sigma, eps):
+    """4 Adam steps with LibMTL's ``DB_beta = 0.9`` and ``DB_beta_sigma`` 0 (default) or 0.5:
+    same gradients and parameters. Without LibMTL's ``+1e-8`` (``eps=0``) to rounding; with it
+    rtol 1e-5 / atol 1e-8 (the ``1e-8`` on a loss of ~0.05 and on the norms; measured 7e-9 on
+    the largest entry)."""
+    from gradbalance.methods import DBMTL
+
+    rtol, atol = (1e-9, 1e-12) if eps == 0 else (1e-5, 1e-8)
+    k = 3
+    trunk_a, heads_a = _mlp(k, 17)
+    trunk_b, heads_b = _mlp(k, 17)
+    x, y = _data(k, 18)
+    params_a = list(trunk_a.parameters()) + list(heads_a.parameters())
+    params_b = list(trunk_b.parameters()) + list(heads_b.parameters())
+    opt_a = torch.optim.Adam(params_a, lr=0.01)
+    opt_b = gb.GradBalance(torch.optim.Adam(params_b, lr=0.01), DBMTL(beta=0.9, beta_sigma=beta_sigma),
+                           shared_params=trunk_b)
+    official = _OfficialDBMTL(0.9, beta_sigma, eps)
+    scales = (1.0, 30.0, 0.05)
+    for _ in range(4):
+        opt_a.zero_grad()
+        official(trunk_a, heads_a, _head_losses(trunk_a, heads_a, x, y, scales))
+        opt_b.zero_grad()
+        opt_b.backward(_head_losses(trunk_b, heads_b, x, y, scales))
+        _assert_same([p.grad for p in params_a], [p.grad for p in params_b], rtol=rtol, atol=atol, what="grad")
+        opt_a.step()
+        opt_b.step()
+        _assert_same(params_a, params_b, rtol=rtol, atol=atol)
+
+
+def test_imtl_matches_libmtl():
+    """LibMTL ``weighting/IMTL.py`` (lines 19-40): ``s`` a parameter (init 0) of the weighting
+    module, trained by the network's optimizer; scaled losses ``e^s L - s`` (line 23), each
+    backpropagated (so ``s`` gets ``e^s L - 1`` and each head ``e^{s_i}`` times its gradient);
+    IMTL-G on the scaled gradients with ``torch.inverse`` (lines 28-34); shared gradient
+    ``sum_i alpha_i e^{s_i} g_i`` (``_backward_new_grads``). With an Adam of lr 1e-3 for the
+    network and ``s`` (LibMTL's setting) and gradbalance's ``IMTL()`` (its own Adam, lr 1e-3):
+    same gradients, parameters and scales over 5 steps."""
+    from gradbalance.methods import IMTL
+
+    k = 3
+    trunk_a, heads_a = _mlp(k, 19)
+    trunk_b, heads_b = _mlp(k, 19)
+    x, y = _data(k, 20)
+    scales = (1.0, 5.0, 0.2)
+    s = torch.zeros(k, dtype=D, requires_grad=True)
+    params_a = list(trunk_a.parameters()) + list(heads_a.parameters())
+    params_b = list(trunk_b.parameters()) + list(heads_b.parameters())
+    opt_a = torch.optim.Adam(params_a + [s], lr=1e-3)
+    opt_b = gb.GradBalance(torch.optim.Adam(params_b, lr=1e-3), IMTL(), shared_params=trunk_b)
+
+    def imtl_g(g):
+        unit = g / g.norm(dim=-1, keepdim=True)
+        d_mat, u_mat = g[0:1] - g[1:], unit[0:1] - unit[1:]
+        alpha = (g[0] @ u_mat.t()) @ torch.inverse(d_mat @ u_mat.t())
+        alpha = torch.cat([(1 - alpha.sum()).unsqueeze(0), alpha])
+        return (alpha[:, None] * g).sum(0)
+
+    for _ in range(5):
+        opt_a.zero_grad()
+        losses = _head_losses(trunk_a, heads_a, x, y, scales)
+        scaled = [s[i].exp() * v - s[i] for i, v in enumerate(losses)]
+        s.grad = torch.stack([(s[i].exp() * v - 1).detach() for i, v in enumerate(losses)])
+        _libmtl_step(trunk_a, heads_a, scaled, imtl_g)
+        opt_b.zero_grad()
+        opt_b.backward(_head_losses(trunk_b, heads_b, x, y, scales))
+        _assert_same([p.grad for p in params_a], [p.grad for p in params_b], rtol=1e-7, atol=1e-10, what="grad")
+        opt_a.step()
+        opt_b.step()
+        _assert_same(params_a, params_b, rtol=1e-7, atol=1e-10)
+        torch.testing.assert_close(opt_b.method.s, s.detach(), rtol=1e-7, atol=1e-12)
+    assert float(s.detach().abs().min()) > 1e-3  # the scales moved
