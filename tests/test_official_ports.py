@@ -9,7 +9,9 @@ agree and the documentation does not say so, the test is marked ``xfail(strict=T
 discrepancy as its reason.
 
 Commits read (2026-11): tianheyu927/PCGrad c5fbd7c, WeiChengTseng/Pytorch-PCGrad e987ac6,
-Cranial-XIX/CAGrad dc3d481, AvivNavon/nash-mtl cce1840, lorenmt/mtan c36c30b.
+Cranial-XIX/CAGrad dc3d481, AvivNavon/nash-mtl cce1840, lorenmt/mtan c36c30b,
+median-research-group/LibMTL 4336804; torchjd 0.18.0 as installed from PyPI (its tests are
+skipped where torchjd or quadprog is not installed: ``pip install "torchjd[quadprog-projector]"``).
 """
 
 from __future__ import annotations
@@ -639,7 +641,7 @@ def test_mgda_matches_torchjd_where_its_frank_wolfe_is_exact_and_is_never_worse(
 
 
 def test_imtl_g_matches_torchjd():
-    """torchjd 0.18 ``IMTLGWeighting`` (``aggregation/_imtl_g.py`` lines 19-24):
+    """torchjd 0.18 ``IMTLGWeighting`` (``aggregation/_imtl_g.py`` lines 18-25):
     ``v = pinv(M) sqrt(diag M)``, weights ``v / sum v``. gradbalance's eq.-9 form gives the same
     weights where the gradients are independent; with more tasks than dimensions the two
     generalisations differ (not compared)."""
