@@ -138,8 +138,8 @@ def resnet(k: int, device: str, quick: bool) -> Setup:
     torch.manual_seed(0)
     base, batch, px = (8, 4, 32) if quick else (64, 64, 128)
     trunk = ResNet(widths=(base, 2 * base, 4 * base, 8 * base), stem="imagenet")
-    return _resnet_setup(k, device, trunk, 8 * base, batch, px,
-                         "ResNet-18 (ImageNet stem)" if base == 64 else f"ResNet-18 layout (ImageNet stem, width {base})")
+    name = "ResNet-18 (ImageNet stem)" if base == 64 else f"ResNet-18 layout (ImageNet stem, width {base})"
+    return _resnet_setup(k, device, trunk, 8 * base, batch, px, name)
 
 
 def conv(k: int, device: str, quick: bool) -> Setup:
