@@ -207,6 +207,7 @@ class Sync:
         self._pending: Callable[[BaseException | None], None] | None = None
         self._first: tuple[Sequence[str], Any, int, Sequence[Tensor]] | None = None
         self._aggregation: Any = None
+        self._device: Any = None
 
     def _count(self, t: Tensor, factor: float) -> None:
         self.bytes_sent += int(factor * (self.world - 1) / self.world * t.numel() * t.element_size())
@@ -278,6 +279,7 @@ class Sync:
         """Start a call: arm the call checkpoint (:meth:`agree`, then the first-step :meth:`check`)."""
         self.bytes_sent = 0
         self._first = None
+        self._device = device
 
         def call_checkpoint(error: BaseException | None) -> None:
             self.agree(fingerprint, error, device)
@@ -292,12 +294,12 @@ class Sync:
         if not self.checked:
             self._first = (names, method, step, params)
 
-    def expect_method(self, device: Any) -> None:
+    def expect_method(self) -> None:
         """Before the method runs: arm the method checkpoint (:meth:`settle`), which the next
         collective, or :meth:`fail` if this rank raises first, runs."""
         self.flush()  # every path averages something before its method: a no-op in practice
         self._aggregation = None
-        self._pending = lambda error: self.settle(self._aggregation, error, device)
+        self._pending = lambda error: self.settle(self._aggregation, error, self._device)
 
     def method_done(self, aggregation: Any) -> None:
         """The method returned ``aggregation`` on this rank (compared at the method checkpoint)."""
@@ -449,8 +451,8 @@ class DistributedReducer(Reducer):
     def begin(self, names: Sequence[str], method: Any, step: int, params: Sequence[Tensor]) -> None:
         self.sync.begin(names, method, step, params)
 
-    def expect_method(self, device: Any) -> None:
-        self.sync.expect_method(device)
+    def expect_method(self) -> None:
+        self.sync.expect_method()
 
     def method_done(self, aggregation: Any) -> None:
         self.sync.method_done(aggregation)

@@ -140,7 +140,7 @@ class StepContext:
                             task_names=self.names, step=self.step)
         # distributed: a method that raises, or returns other weights, on one rank only is caught
         # at the method checkpoint, which every rank joins (see gradbalance.distributed.Sync)
-        self.reducer.expect_method(losses.device)
+        self.reducer.expect_method()
         agg = self.method.aggregate(inputs)
         if agg.weights is None and agg.direction is None:
             raise RuntimeError(f"{self.label} returned neither weights nor direction")

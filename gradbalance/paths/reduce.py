@@ -65,7 +65,7 @@ class Reducer:
         """The call's tasks are known (distributed, first call: the call checkpoint also checks that
         the ranks agree on tasks, method state, step and parameters)."""
 
-    def expect_method(self, device: Any) -> None:
+    def expect_method(self) -> None:
         """Before the method runs. Distributed: arm the method checkpoint (it raised on no rank and
         returned the same weights on every rank), which the next collective runs."""
 
