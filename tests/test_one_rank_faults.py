@@ -391,3 +391,23 @@ def test_the_same_fault_on_every_rank_raises_the_error_of_one_process(runs):
     assert_same_clear_error(runs, ("every rank", "non_scalar"), "ValueError", "loss 'task1' is not a scalar")
     assert_same_clear_error(runs, ("every rank", "solver_fails_first"), "RuntimeError",
                             "Nash-MTL: the CLARABEL solver failed on the first iteration")
+
+
+@pytest.mark.parametrize("engine", ["loop", "batched"])
+@pytest.mark.parametrize("method", ["mgda", "pcgrad"])
+def test_a_nan_gradient_on_a_task_specific_parameter_only_raises_in_one_process_too(method, engine):
+    """The exact path checked the shared gradients (their Gram matrix) only: a NaN in a head's
+    gradient alone was written to .grad without an error."""
+    model = MultiTaskNet(K, seed=0)
+    opt = gb.GradBalance(torch.optim.Adam(model.parameters(), lr=0.01), method, shared_params=model.trunk,
+                         engine=engine)
+    good_step(model, opt, 0, 0)
+    before = state(model, opt)
+    z, losses = losses_of(model, 0, 1)
+    nan_head_grad(model, z, losses)
+    with pytest.raises(gb.NonFiniteError, match="contains NaN or inf"):
+        opt.backward(losses, features=z)
+    assert same(before, state(model, opt))
+    z, losses = losses_of(model, 0, 1)
+    opt.backward(losses, features=z)  # and the next call goes on
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
