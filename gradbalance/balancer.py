@@ -188,40 +188,50 @@ class Balancer:
 
     # ------------------------------------------------------------------ one call
     def backward(self, losses: Losses, *, features: Tensor | None = None, scaler: Any = None) -> StepInfo:
-        """Compute, combine and write the gradients of one (micro-)batch; see the module doc."""
+        """Compute, combine and write the gradients of one (micro-)batch; see the module doc.
+
+        Distributed: a rank that raises while the others wait in a collective would leave them
+        waiting until the process group's timeout. So every exception raised before the call's
+        checkpoints have run (the ranks agree on the call; the method raised nowhere and gave the
+        same weights everywhere; see :class:`gradbalance.distributed.Sync`) joins them, and every
+        rank raises the same error; later errors come from checks of rank-averaged values, which
+        every rank raises alike.
+        """
         with _autocast_off():  # the balancing arithmetic runs in the parameters' dtype
-            ctx, unnamed_k, overflow = self._prepare(losses, features, scaler)  # 1.
+            params = self._all_params()
+            reducer = self._resolve_reducer(params)
+            window = self._window
+            reducer.open_call(
+                distributed_mod.call_fingerprint(losses, 0 if window is None else window.calls, self.step_count),
+                distributed_mod.local(params[0]).device if params else None,
+            )
+            ctx: StepContext | None = None
+            try:
+                ctx, unnamed_k, overflow = self._prepare(losses, features, scaler, params, reducer)  # 1.
+                if overflow is None:
+                    result = self._choose(ctx)(ctx)  # 2. and 3.
+                reducer.flush()  # a checkpoint that no collective of this call has run yet
+            except Exception as err:
+                try:
+                    reducer.fail(err)  # distributed: every rank raises together (single process: no-op)
+                except NonFiniteError:
+                    pass  # every rank raised this NaN/inf error alike: handled below as in one process
+                if not isinstance(err, NonFiniteError) or ctx is None or not ctx.scaling.active:
+                    raise
+                overflow = err
             if overflow is not None:
                 return self._overflow(ctx, overflow)
-            try:
-                result = self._choose(ctx)(ctx)  # 2. and 3.
-            except NonFiniteError as err:
-                if not ctx.scaling.active:
-                    raise
-                return self._overflow(ctx, err)
             return self._commit_call(ctx, result, unnamed_k)  # 4.
 
     def _prepare(
-        self, losses: Losses, features: Tensor | None, scaler: Any
+        self, losses: Losses, features: Tensor | None, scaler: Any, params: list[Tensor], reducer: Reducer,
     ) -> tuple[StepContext, int | None, NonFiniteError | None]:
         """Step 1: every check that needs no gradient, then the step's context (changes nothing
         but the GradScaler's lazily initialised state, as ``scaler.scale`` always does). A NaN/inf
         loss under an active GradScaler is returned as an overflow instead of raised."""
-        params = self._all_params()
-        reducer = self._resolve_reducer(params)
         window = self._window
         scaling = Scaling(scaler)
-        fingerprint = distributed_mod.call_fingerprint(losses, 0 if window is None else window.calls,
-                                                       self.step_count)
-        device = distributed_mod.local(params[0]).device if params else None
-        try:
-            names, values, lonely, unnamed_k, overflow = self._check_call(losses, features, scaling)
-        except (ValueError, TypeError) as err:
-            # A rank that raised alone would leave the others waiting in a collective: every rank
-            # learns of it here and raises the same RankMismatchError (single process: no-op).
-            reducer.agree(fingerprint, err, device)
-            raise
-        reducer.agree(fingerprint, None, device)
+        names, values, lonely, unnamed_k, overflow = self._check_call(losses, features, scaling)
         values = scaling.scale_losses(values)
         call = torch.stack([v.detach() for v in values]).double() / scaling.factor
         carried = window if (window is not None and self.options.keeps_window) else Window.empty(names)

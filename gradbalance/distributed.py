@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -147,6 +147,13 @@ def _digest(obj: Any) -> str:
     return h.hexdigest()
 
 
+def _crc(t: Tensor | None) -> int:
+    """A CRC-32 of a small tensor's float64 bytes (0 for ``None``): the method checkpoint's row."""
+    if t is None:
+        return 0
+    return zlib.crc32(t.detach().double().cpu().contiguous().numpy().tobytes())
+
+
 
 #: what :func:`call_fingerprint` describes, in order (the columns of the table ``Sync.agree`` gathers)
 FINGERPRINT_FIELDS = ("tasks (names, and which are None)", "call within the accumulation window",
@@ -175,8 +182,19 @@ class Sync:
         group: the process group (``None``: the default group).
         world: number of ranks in ``group``.
         fsdp: the optimizer holds FSDP2 (``DTensor``) parameters.
-        bytes_sent: bytes this rank sends in the current call (ring algorithms: an all-reduce of
-            ``n`` bytes sends ``2 (R-1)/R n``, a reduce-scatter or all-gather ``(R-1)/R n``).
+        bytes_sent: bytes this rank sends in the current call's data collectives (ring algorithms: an
+            all-reduce of ``n`` bytes sends ``2 (R-1)/R n``, a reduce-scatter or all-gather
+            ``(R-1)/R n``); the checkpoints' few int64 are not counted.
+
+    **Checkpoints.** A rank that raises on its own while the others wait in a collective leaves them
+    waiting until the process group's timeout. So every call has two small all-gathers that every
+    rank joins whether it failed or not: the *call checkpoint* (:meth:`agree`: same call on every
+    rank) and, when the method runs, the *method checkpoint* (:meth:`settle`: the method did not
+    raise and returned the same weights everywhere). Each is armed first (:meth:`open_call`,
+    :meth:`expect_method`) and run lazily by the next collective of the call (:meth:`flush`), so a
+    rank that raises before that collective joins the armed checkpoint with its error instead
+    (:meth:`fail`), and every rank raises the same error. No collective is added to a call that
+    succeeds: the two checkpoints are its only control traffic.
     """
 
     def __init__(self, strategy: str, group: Any, world: int, fsdp: bool) -> None:
@@ -186,6 +204,10 @@ class Sync:
         self.fsdp = fsdp
         self.bytes_sent = 0
         self.checked = False
+        self._pending: Callable[[BaseException | None], None] | None = None
+        self._first: tuple[Sequence[str], Any, int, Sequence[Tensor]] | None = None
+        self._aggregation: Any = None
+        self._device: Any = None
 
     def _count(self, t: Tensor, factor: float) -> None:
         self.bytes_sent += int(factor * (self.world - 1) / self.world * t.numel() * t.element_size())
@@ -193,6 +215,7 @@ class Sync:
     # ------------------------------------------------------------------ collectives
     def sum_(self, flat: Tensor) -> Tensor:
         """All-reduce (sum) ``flat`` in place and return it."""
+        self.flush()
         self._count(flat, 2.0)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
         return flat
@@ -208,6 +231,7 @@ class Sync:
         padded = torch.nn.functional.pad(grads, (0, chunk * self.world - p))
         send = padded.view(k, self.world, chunk).transpose(0, 1).contiguous().view(-1)
         out = send.new_empty(k * chunk)
+        self.flush()
         self._count(send, 1.0)
         _collective("reduce_scatter_single", "reduce_scatter_tensor")(out, send, op=dist.ReduceOp.SUM, group=self.group)
         return out.view(k, chunk).div_(self.world)
@@ -215,6 +239,7 @@ class Sync:
     def all_gather_columns(self, shard: Tensor, p: int) -> Tensor:
         """Inverse layout of :meth:`reduce_scatter_rows` for one row: ``(chunk,)`` -> ``(P,)``."""
         out = shard.new_empty(shard.numel() * self.world)
+        self.flush()
         self._count(out, 1.0)
         _collective("all_gather_single", "all_gather_into_tensor")(out, shard.contiguous(), group=self.group)
         return out[:p]
@@ -249,33 +274,90 @@ class Sync:
             offset += n
         return out
 
-    # ------------------------------------------------------------------ every call
-    def agree(self, fingerprint: Sequence[int], error: BaseException | None, device: torch.device) -> None:
-        """Before any other collective of a call: make sure every rank makes the same call.
+    # ------------------------------------------------------------------ checkpoints
+    def open_call(self, fingerprint: Sequence[int], device: Any) -> None:
+        """Start a call: arm the call checkpoint (:meth:`agree`, then the first-step :meth:`check`)."""
+        self.bytes_sent = 0
+        self._first = None
+        self._device = device
 
-        One all-gather of ``len(fingerprint) + 1`` int64 per rank (the fingerprint of
-        :func:`call_fingerprint` and whether this rank failed to prepare the call: 32 bytes at
-        the default). Every rank gathers the same table, so every rank takes the same branch: when
-        the rows differ, or a rank failed, every rank raises :class:`RankMismatchError` with the
-        same message (a rank that failed chains its own error), instead of one rank raising while
-        the others wait in a collective until the process group times out, or of a collective of
-        mismatched sizes aborting a rank.
-        """
-        mine = torch.tensor([*fingerprint, int(error is not None)], dtype=torch.int64, device=device)
+        def call_checkpoint(error: BaseException | None) -> None:
+            self.agree(fingerprint, error, device)
+            if self._first is not None:
+                self.check(*self._first)
+
+        self._pending = call_checkpoint
+
+    def begin(self, names: Sequence[str], method: Any, step: int, params: Sequence[Tensor]) -> None:
+        """The call's tasks are known: until the first-step :meth:`check` has passed, the call
+        checkpoint runs it too."""
+        if not self.checked:
+            self._first = (names, method, step, params)
+
+    def expect_method(self) -> None:
+        """Before the method runs: arm the method checkpoint (:meth:`settle`), which the next
+        collective, or :meth:`fail` if this rank raises first, runs."""
+        self.flush()  # every path averages something before its method: a no-op in practice
+        self._aggregation = None
+        self._pending = lambda error: self.settle(self._aggregation, error, self._device)
+
+    def method_done(self, aggregation: Any) -> None:
+        """The method returned ``aggregation`` on this rank (compared at the method checkpoint)."""
+        self._aggregation = aggregation
+
+    def flush(self) -> None:
+        """Run the armed checkpoint, if any (every rank reaches it at the same collective)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending(None)
+
+    def fail(self, error: BaseException) -> None:
+        """This rank raised ``error``: join the armed checkpoint with it, so that every rank raises
+        (the same :class:`RankMismatchError`, or ``error`` itself when every rank raised it alike).
+        Without an armed checkpoint the error came after a collective that every rank passed with the
+        same data (a NaN check on averaged values): every rank raises it anyway, nothing to join."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending(error)
+
+    def _gather_rows(
+        self, row: Sequence[int], error: BaseException | None, device: Any, detail: Callable[[], str],
+    ) -> tuple[Tensor, list[int], list[Any]] | None:
+        """One all-gather of ``row`` and a failure flag. ``None`` when every rank succeeded with the
+        same row; else the table, the failed ranks and every rank's error or ``detail()`` (one more,
+        object all-gather, on this error path only). Every rank sees the same table, so every rank
+        takes the same branch."""
+        mine = torch.tensor([*row, int(error is not None)], dtype=torch.int64, device=device)
         every = [torch.empty_like(mine) for _ in range(self.world)]
-        self._count(mine, 1.0)
         dist.all_gather(every, mine, group=self.group)
         table = torch.stack(every).cpu()
         if not bool(table[:, -1].any()) and bool((table == table[0]).all()):
-            return
+            return None
         failed = [r for r in range(self.world) if int(table[r, -1])]
-        lines = []
-        if failed:
-            # the error path only: every rank saw the same table, so every rank gathers the messages
-            messages: list[Any] = [None] * self.world
-            text = None if error is None else f"{type(error).__name__}: {error}"
-            dist.all_gather_object(messages, text, group=self.group)
-            lines += [f"rank {r} could not prepare this call: {messages[r]}" for r in failed]
+        texts: list[Any] = [None] * self.world
+        text = detail() if error is None else f"{type(error).__name__}: {error}"
+        dist.all_gather_object(texts, text, group=self.group)
+        if error is not None and len(failed) == self.world and len(set(texts)) == 1 and bool(
+                (table == table[0]).all()):
+            raise error  # every rank failed alike: the error one process would raise
+        return table, failed, texts
+
+    def agree(self, fingerprint: Sequence[int], error: BaseException | None, device: Any) -> None:
+        """The call checkpoint: make sure every rank makes the same call, before its data collectives.
+
+        One all-gather of ``len(fingerprint) + 1`` int64 per rank (the fingerprint of
+        :func:`call_fingerprint` and whether this rank failed before its first collective of the
+        call: 32 bytes at the default). When the rows differ, or some ranks failed, every rank raises
+        :class:`RankMismatchError` with the same message (a rank that failed chains its own error),
+        instead of one rank raising while the others wait in a collective until the process group
+        times out, or of a collective of mismatched sizes aborting a rank. When every rank failed
+        with the same message, each raises its own error (as one process would).
+        """
+        gathered = self._gather_rows(fingerprint, error, device, lambda: "")
+        if gathered is None:
+            return
+        table, failed, messages = gathered
+        lines = [f"rank {r} could not prepare this call: {messages[r]}" for r in failed]
         for column, field_name in enumerate(FINGERPRINT_FIELDS):
             values = table[:, column].tolist()
             if len(set(values)) > 1:
@@ -291,6 +373,38 @@ class Sync:
             "backward() the same number of times between optimizer steps, and step together."
         )
         raise RankMismatchError(message) from error
+
+    def settle(self, aggregation: Any, error: BaseException | None, device: Any) -> None:
+        """The method checkpoint: the method raised on no rank and gave the same weights on every rank.
+
+        The method sees the same averaged inputs everywhere, but a solver can still fail on one rank
+        only (or a random draw bypass the method's generator); then that rank would raise alone (the
+        others hang in their next collective) or the ranks would take different steps. One all-gather
+        of 3 int64 per rank: a CRC-32 of the weights and of the head weights, and a failure flag.
+        Every rank raises the same :class:`RankMismatchError` when they differ; nothing is written.
+        """
+        weights = None if aggregation is None else aggregation.weights
+        head_weights = None if aggregation is None else aggregation.head_weights
+        row = (_crc(weights), _crc(head_weights))
+
+        def detail() -> str:
+            if weights is None:
+                return "a direction (no weights)"
+            hw = "" if head_weights is None else f", head weights {head_weights.tolist()}"
+            return f"weights {weights.tolist()}{hw}"
+
+        gathered = self._gather_rows(row, error, device, detail)
+        if gathered is None:
+            return
+        _, failed, texts = gathered
+        lines = [f"rank {r} " + ("raised " if r in failed else "got ") + str(texts[r]) for r in range(self.world)]
+        raise RankMismatchError(
+            "gradbalance: the balancing method did not give the same result on every rank, so no rank "
+            "went on (the ranks' parameters would drift apart):\n  " + "\n  ".join(lines)
+            + "\nIt saw the same rank-averaged inputs everywhere: a solver that failed on some ranks "
+            "only, or randomness outside the method's own generator. Nothing was written; the next "
+            "call can go on."
+        ) from error
 
     # ------------------------------------------------------------------ first step
     def check(self, names: Sequence[str], method: Any, step: int, params: Sequence[Tensor]) -> None:
@@ -331,12 +445,23 @@ class DistributedReducer(Reducer):
         self.sync = sync
         self.fsdp = sync.fsdp
 
-    def agree(self, fingerprint: Sequence[int], error: BaseException | None, device: Any) -> None:
-        self.sync.agree(fingerprint, error, device)
+    def open_call(self, fingerprint: Sequence[int], device: Any) -> None:
+        self.sync.open_call(fingerprint, device)
 
     def begin(self, names: Sequence[str], method: Any, step: int, params: Sequence[Tensor]) -> None:
-        self.sync.bytes_sent = 0
-        self.sync.check(names, method, step, params)
+        self.sync.begin(names, method, step, params)
+
+    def expect_method(self) -> None:
+        self.sync.expect_method()
+
+    def method_done(self, aggregation: Any) -> None:
+        self.sync.method_done(aggregation)
+
+    def flush(self) -> None:
+        self.sync.flush()
+
+    def fail(self, error: BaseException) -> None:
+        self.sync.fail(error)
 
     def check_call(self, names: Sequence[str], call: Tensor) -> None:
         """Nothing yet: the averaged losses are checked, so that every rank raises together."""

@@ -31,10 +31,12 @@ class NonFiniteError(ValueError):
 class RankMismatchError(ValueError):
     """Under ``torch.distributed`` the ranks disagree about a call (its tasks, the call within the
     accumulation window, the method's step; at the first step also the method's state and the
-    parameters) or a rank could not prepare it.
+    parameters), a rank could not prepare it, or the balancing method raised on some ranks only
+    or returned different weights on them.
 
     Raised on every rank at once, with the same message, from the same collective, so that no
-    rank hangs in a collective the others never join.
+    rank hangs in a collective the others never join and the ranks never take different steps.
+    Nothing is changed; the next call can go on.
 
     Example:
         >>> import gradbalance as gb

@@ -294,7 +294,9 @@ class GradBalance(torch.optim.Optimizer):
                 changing number of unnamed tasks for a method with per-task state.
             NonFiniteError: a NaN/inf loss or task gradient, without an active scaler (a
                 ``ValueError``; with one it is an overflow: ``engine == "skipped"``).
-            RankMismatchError: under ``torch.distributed``, the ranks disagree (a ``ValueError``).
+            RankMismatchError: under ``torch.distributed``, the ranks disagree, or a rank raised
+                alone (a ``ValueError``): every rank raises it, naming the ranks (see the
+                distributed guide). An error raised alike on every rank is raised as it is.
         """
         info = self._balancer.backward(losses, features=features, scaler=scaler)
         self.last_info = info

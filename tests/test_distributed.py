@@ -7,15 +7,10 @@ concatenated batch (must agree to 1e-5) and between the ranks (must be bit-ident
 
 from __future__ import annotations
 
-import os
-import socket
 import warnings
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import gradbalance as gb
@@ -26,9 +21,10 @@ from gradbalance.methods.base import (
     generator_from_state,
     make_method,
 )
+from tests.dist_helpers import WORLD, init_group, run_ranks, save_result
 from tests.helpers import FixedWeights, MultiTaskNet, make_batch, task_losses
 
-K, N, STEPS, WORLD = 3, 16, 20, 2
+K, N, STEPS = 3, 16, 20
 COMPARE_AT = 3  # steps after which the distributed run is compared with one process
 
 
@@ -190,10 +186,8 @@ def attempt(*args, **kwargs):
 
 # ----------------------------------------------------------------------------- the process group
 def _worker(rank: int, port: int, path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
     # a rank that fails alone leaves the other one waiting in a collective: fail fast instead
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
+    init_group(rank, port, timeout_s=120)
     res = {}
     for name in ALL:  # every method, 20 steps, DDP, default strategy
         res[("ddp", name)] = attempt(name, rank, "ddp")
@@ -248,18 +242,12 @@ def _worker(rank: int, port: int, path: str) -> None:
         warnings.simplefilter("always")
         attempt("gls", rank, "fsdp", steps=2, micro=2)
     res["fsdp-accumulate-warnings"] = [str(w.message) for w in caught if "accumulation window" in str(w.message)]
-    torch.save(res, f"{path}.{rank}")
-    dist.destroy_process_group()
+    save_result(path, rank, res)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    path = str(tmp_path_factory.mktemp("dist") / "res")
-    mp.spawn(_worker, args=(port, path), nprocs=WORLD, join=True)
-    return [torch.load(f"{path}.{r}", weights_only=False) for r in range(WORLD)]
+def runs():
+    return run_ranks(_worker, hard_timeout=400)
 
 
 _REFERENCE: dict = {}

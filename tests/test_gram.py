@@ -451,10 +451,16 @@ def test_distributed_is_refused_and_nothing_changes():
     class FakeSync:  # what distributed.resolve returns under DDP; never reached
         strategy, fsdp, bytes_sent, world = "allreduce", False, 0, 2
 
-        def check(self, *args):
+        def open_call(self, *args):  # the call checkpoint: every rank makes the same call
             pass
 
-        def agree(self, *args):  # every rank makes the same call
+        def begin(self, *args):
+            pass
+
+        def flush(self):
+            pass
+
+        def fail(self, error):
             pass
 
         def mean(self, t):

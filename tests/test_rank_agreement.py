@@ -7,20 +7,17 @@ drift apart silently. Each case runs after one good step, so the first-step chec
 
 from __future__ import annotations
 
-import socket
 import time
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import gradbalance as gb
 from gradbalance import RankMismatchError
+from tests.dist_helpers import WORLD, init_group, run_ranks, save_result
 from tests.helpers import MultiTaskNet, make_batch, task_losses
 
-WORLD, K, N = 2, 3, 16
+K, N = 3, 16
 METHODS = ("mean", "uw", "mgda")
 
 
@@ -55,9 +52,7 @@ def _attempt(fn):
 
 
 def _worker(rank, port, path):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=20))
-    torch.set_num_threads(1)
+    init_group(rank, port, timeout_s=20)
     res = {}
     for name in METHODS:
         # a task is None on rank 1 only (dict losses)
@@ -101,19 +96,12 @@ def _worker(rank, port, path):
         model, opt = _setup(name, rank)
         _good_step(model, opt, rank, as_dict=True)
         res[("ok", name)] = _attempt(lambda model=model, opt=opt: _good_step(model, opt, rank, as_dict=True))
-    torch.save(res, f"{path}.{rank}")
-    dist.barrier()
-    dist.destroy_process_group()
+    save_result(path, rank, res)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    path = str(tmp_path_factory.mktemp("agree") / "res")
-    mp.spawn(_worker, args=(port, path), nprocs=WORLD, join=True)
-    return [torch.load(f"{path}.{r}", weights_only=False) for r in range(WORLD)]
+def runs():
+    return run_ranks(_worker, hard_timeout=180)
 
 
 @pytest.mark.parametrize("name", METHODS)

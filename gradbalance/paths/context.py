@@ -138,9 +138,13 @@ class StepContext:
         """Run the method (``grads`` only reaches it when it ``requires="grads"``)."""
         inputs = TaskInputs(losses=losses, gram=gram, grads=grads if self.method.requires == "grads" else None,
                             task_names=self.names, step=self.step)
+        # distributed: a method that raises, or returns other weights, on one rank only is caught
+        # at the method checkpoint, which every rank joins (see gradbalance.distributed.Sync)
+        self.reducer.expect_method()
         agg = self.method.aggregate(inputs)
         if agg.weights is None and agg.direction is None:
             raise RuntimeError(f"{self.label} returned neither weights nor direction")
+        self.reducer.method_done(agg)
         return agg
 
 

@@ -13,7 +13,8 @@ average ``[G | losses]``; reduce_scatter: keep ``P/R`` columns; local_gram/singl
 (exact: of the kept gradients, summed over the ranks for reduce_scatter/local_gram; buffered:
 of the features' gradients or of the subset's columns); (7) the method; (8) the shared direction
 ``w @ G`` (or the method's own direction; reduce_scatter all-gathers it); (9) the heads'
-combination; (10) averaged over the ranks; (11) scaled back and *rewritten*: the window's
+combination; (10) averaged over the ranks, then checked for NaN/inf (the Gram check of (6)
+saw the shared parameters only); (11) scaled back and *rewritten*: the window's
 previous contribution to ``.grad`` is replaced, so ``n`` calls give the update of one big batch.
 """
 
@@ -27,7 +28,7 @@ from gradbalance import jacobian
 from gradbalance.inputs import check_reach
 from gradbalance.methods.base import Aggregation
 from gradbalance.paths.context import StepContext, StepResult
-from gradbalance.paths.grads import GradWrite, checked_gram, columns, combine_heads
+from gradbalance.paths.grads import GradWrite, check_finite_grads, checked_gram, columns, combine_heads
 from gradbalance.paths.window import HeadGrads
 
 __all__ = ["buffered_step", "exact_step"]
@@ -84,6 +85,8 @@ def _run(ctx: StepContext, gram_rule: GramRule) -> StepResult:
     new, head_out = ctx.reducer.finish(new, head_out, shared, heads)
     if not ctx.reducer.distributed:
         new = _leave_unreached(new, tg.touched, ctx.window.written)
+    if any(g is not None for g in head_out):  # the Gram check saw the shared part only (rank-averaged)
+        check_finite_grads(head_out, ctx.names)
     contribution = ctx.scaling.rescale(new + head_out)
     engine, engine_extras = jacobian.describe(tg)
     return StepResult(

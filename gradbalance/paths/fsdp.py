@@ -41,6 +41,7 @@ def _mean_unsharded(ctx: StepContext, grads: list[Tensor | None], params: list[T
 
 def fsdp_step(ctx: StepContext) -> StepResult:
     method = ctx.method
+    ctx.reducer.flush()  # the call checkpoint, before FSDP's own collectives in the backward passes
     if method.requires == "grads" or method.mode == "representation":
         what = "the full task gradients" if method.requires == "grads" else "features="
         raise ValueError(

@@ -10,9 +10,16 @@ Which method runs where (``R`` ranks; every call is a no-op in :class:`Local`):
 ==========================  ==========================  =============================================
 method                      path                        distributed effect
 ==========================  ==========================  =============================================
-``agree``                   every call, after checks    one 32-byte all-gather: same tasks/call/step
-                                                        on every rank, or every rank raises
-``begin``                   every call                  reset the byte counter; first call: ranks agree
+``open_call``               every call, first           reset the byte counter; arm the call
+                                                        checkpoint (one 32-byte all-gather run by the
+                                                        call's first collective: same tasks/call/step
+                                                        on every rank, or every rank raises)
+``begin``                   every call, after checks    first call: the checkpoint also compares state
+``expect_method``           before the method           arm the method checkpoint (24 bytes: no rank
+                                                        raised, same weights everywhere)
+``method_done``             after the method            the weights the checkpoint compares
+``flush``                   fsdp start, end of a call   run the armed checkpoint now
+``fail``                    a rank raised               join the armed checkpoint with the error
 ``check_call``              every call, before all      ``Local``: NaN/inf losses raise here
 ``check_total``             after the losses' reduce    distributed: NaN/inf losses raise here
 ``mean``                    losses / reused             average the ``k`` losses
@@ -49,12 +56,29 @@ class Reducer:
     #: ``True`` when the optimizer holds FSDP2 (``DTensor``) parameters.
     fsdp: bool = False
 
-    def agree(self, fingerprint: Sequence[int], error: BaseException | None, device: Any) -> None:
-        """Distributed: every rank makes the same call, or every rank raises
-        :class:`~gradbalance.RankMismatchError` (single process: nothing to agree on)."""
+    def open_call(self, fingerprint: Sequence[int], device: Any) -> None:
+        """Start a call. Distributed: reset the byte count and arm the call checkpoint (every rank
+        makes the same call, or every rank raises :class:`~gradbalance.RankMismatchError`), which the
+        call's first collective runs (single process: nothing to agree on)."""
 
     def begin(self, names: Sequence[str], method: Any, step: int, params: Sequence[Tensor]) -> None:
-        """Start a call (distributed: reset the byte count; first call: check the ranks agree)."""
+        """The call's tasks are known (distributed, first call: the call checkpoint also checks that
+        the ranks agree on tasks, method state, step and parameters)."""
+
+    def expect_method(self) -> None:
+        """Before the method runs. Distributed: arm the method checkpoint (it raised on no rank and
+        returned the same weights on every rank), which the next collective runs."""
+
+    def method_done(self, aggregation: Any) -> None:
+        """The method returned ``aggregation`` on this rank (distributed: compared at the checkpoint)."""
+
+    def flush(self) -> None:
+        """Distributed: run the armed checkpoint now (before collectives that are not ours, such as
+        FSDP's, and at the end of a call)."""
+
+    def fail(self, error: BaseException) -> None:
+        """This rank raised ``error``. Distributed: join the armed checkpoint with it, so that every
+        rank raises together instead of the others waiting for this one in a collective."""
 
     def check_call(self, names: Sequence[str], call: Tensor) -> None:
         """Single process: raise on NaN/inf losses at once (distributed: after the average, so
