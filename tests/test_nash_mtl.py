@@ -344,3 +344,20 @@ def test_solver_failures_add_up_across_steps_and_in_the_state():
         assert agg.extras["solver_failures"] == 1
         method.commit(agg.pending)
     assert method.failures == 2 and method.state_dict()["failures"] == 2
+
+
+def test_reused_weights_are_re_clipped_with_the_current_gram_matrix():
+    """update_every=2: the step in between reuses a, clipped to max_norm with this step's M."""
+    method = NashMTL(update_every=2, max_norm=1.0)
+    grads = 10 * well_conditioned(3, seed=7)
+    first = method.aggregate(inputs_for(grads, step=0))
+    method.commit(first.pending)
+    other = 20 * well_conditioned(3, seed=8)
+    gram = other @ other.T
+    agg = method.aggregate(inputs_for(other, step=1))
+    assert agg.extras["reused"] is True
+    torch.testing.assert_close(agg.head_weights, first.head_weights, rtol=0, atol=0)  # the same a, unclipped
+    raw_norm = float(first.head_weights @ gram @ first.head_weights) ** 0.5
+    assert raw_norm > 1.5
+    assert float(agg.weights @ gram @ agg.weights) ** 0.5 == pytest.approx(1.0, rel=1e-5)
+    torch.testing.assert_close(agg.weights, first.head_weights / (raw_norm + 1e-6), rtol=1e-12, atol=0)
