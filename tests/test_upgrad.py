@@ -116,7 +116,8 @@ def test_hand_computed_cone_and_projection_count():
     active constraints; heads get their plain gradients."""
     grads = torch.tensor([[1.0, 0.0], [-1.0, 1.0], [-1.0, 0.1]], dtype=torch.float64)
     agg = UPGrad().aggregate(inputs_for(grads))
-    expected = (torch.tensor([1.0, 10.0], dtype=torch.float64) / 101 + torch.tensor([0.0, 1.1], dtype=torch.float64)) / 3
+    projections = torch.tensor([[1 / 101, 10 / 101], [0.0, 1.0], [0.0, 0.1]], dtype=torch.float64)
+    expected = projections.mean(0)
     torch.testing.assert_close(agg.weights @ grads, expected, rtol=1e-9, atol=1e-12)
     assert agg.extras["projected"] == 3
     torch.testing.assert_close(agg.head_weights, torch.ones(3, dtype=torch.float64))
