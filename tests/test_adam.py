@@ -124,3 +124,19 @@ def test_imtl_keeps_the_kingma_placement_bit_for_bit():
         agg = method.aggregate(TaskInputs(losses=losses, gram=gram))
         method.commit(agg.pending)
         assert torch.equal(method.s, s)
+
+
+@pytest.mark.parametrize("placement", ["torch", "kingma"])
+def test_a_tensor_of_per_entry_steps_is_the_int_step_entry_by_entry(placement):
+    """step given per entry (tasks that joined at different steps): each entry gets the update of
+    its own step count, bias corrections included."""
+    gen = torch.Generator().manual_seed(2)
+    p, g = torch.randn(3, generator=gen, dtype=D), torch.randn(3, generator=gen, dtype=D)
+    m, v = 0.1 * torch.randn(3, generator=gen, dtype=D), torch.rand(3, generator=gen, dtype=D)
+    steps = torch.tensor([1.0, 2.0, 7.0], dtype=D)
+    new, new_m, new_v = adam_update(p, g, m, v, steps, lr=0.1, eps_placement=placement, weight_decay=0.01)
+    for i, t in enumerate((1, 2, 7)):
+        ref = adam_update(p[i:i + 1], g[i:i + 1], m[i:i + 1], v[i:i + 1], t, lr=0.1, eps_placement=placement,
+                          weight_decay=0.01)
+        torch.testing.assert_close(new[i:i + 1], ref[0], rtol=1e-15, atol=0)
+        torch.testing.assert_close(new_v[i:i + 1], ref[2], rtol=0, atol=0)

@@ -49,6 +49,19 @@ def test_sgd_step_on_the_scale_loss():
                                                       dtype=torch.float64))
 
 
+def test_init_sets_the_first_scales():
+    """init = s_0: the first step scales the gradients, heads and the s-gradient by e^init."""
+    grads = random_gradients(3, seed=3)
+    losses = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    method = IMTL(init=0.5, lr=0.1, optimizer="sgd")
+    agg = method.aggregate(inputs_for(grads, losses=losses))
+    scale = torch.full((3,), 0.5, dtype=torch.float64).exp()
+    torch.testing.assert_close(agg.head_weights, scale)
+    torch.testing.assert_close(agg.weights, imtl_g_weights(grads @ grads.T) * scale)  # a common scale: same alpha
+    method.commit(agg.pending)
+    torch.testing.assert_close(method.s, 0.5 - 0.1 * (scale * losses - 1.0))
+
+
 def test_adam_step_matches_torch_adam():
     grads = random_gradients(3, seed=2)
     method, s = IMTL(lr=0.05), torch.zeros(3, dtype=torch.float64, requires_grad=True)

@@ -58,6 +58,31 @@ def test_zero_gradient_gets_weight_zero():
     torch.testing.assert_close(alpha[:3], coordinate_imtl_g(grads[:3]))
 
 
+def test_only_one_nonzero_gradient_gets_all_the_weight():
+    """With every other gradient zero, the rule runs on the one left: d = g_i, alpha_i = 1."""
+    g = random_gradients(1, seed=4)
+    grads = torch.cat([torch.zeros(2, 20, dtype=torch.float64), g])
+    torch.testing.assert_close(imtl_g_weights(grads @ grads.T), torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64),
+                               rtol=0, atol=0)
+
+
+def test_gradient_below_1e_12_of_the_largest_counts_as_zero():
+    """A gradient 1e-14 times the largest has no reliable direction: weight 0, as a zero one."""
+    grads = random_gradients(3, seed=5)
+    tiny = torch.cat([grads, 1e-14 * random_gradients(1, seed=6)])
+    alpha = imtl_g_weights(tiny @ tiny.T)
+    assert alpha[3] == 0.0
+    torch.testing.assert_close(alpha[:3], coordinate_imtl_g(grads), rtol=1e-8, atol=1e-10)
+
+
+def test_only_the_symmetric_part_of_the_gram_matrix_is_used():
+    """An asymmetric Gram matrix (rounding, exaggerated here) gives its symmetric part's weights."""
+    grads = random_gradients(4, seed=7)
+    gram = grads @ grads.T
+    e = 0.05 * torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(imtl_g_weights(gram + e - e.T), imtl_g_weights(gram), rtol=1e-10, atol=1e-12)
+
+
 def test_heads_and_mode():
     agg = IMTLG().aggregate(inputs_for(random_gradients(3)))
     torch.testing.assert_close(agg.head_weights, torch.ones(3, dtype=torch.float64))

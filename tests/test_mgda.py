@@ -263,3 +263,26 @@ def test_exact_qp_is_never_above_the_official_projected_gradient_solution():
         w = MGDA().aggregate(TaskInputs(losses=torch.ones(5, dtype=torch.float64), gram=m)).weights
         a, _, _ = official_min_norm(m.numpy())
         assert float(w @ m @ w) <= float(a @ m.numpy() @ a) * (1 + 1e-9)
+
+
+def test_frank_wolfe_arguments_reach_the_solver_and_extras_name_it():
+    """max_iter and tol are the solver's (not its defaults); extras name the solver actually run
+    (auto: the closed form for two tasks, Frank-Wolfe beyond)."""
+    from gradbalance.solvers import best_pair, min_norm_frank_wolfe
+
+    G = rand_g(8, 20, seed=4)
+    M = G @ G.T
+    capped = MGDA(solver="frank_wolfe", max_iter=0).aggregate(inputs_from(G))
+    assert capped.extras["status"] == "max_iter" and capped.extras["iterations"] == 0
+    i, j, gamma = best_pair(M)
+    start = torch.zeros(8, dtype=D)
+    start[i] += gamma
+    start[j] += 1 - gamma
+    torch.testing.assert_close(capped.weights, start, atol=1e-15, rtol=0)
+    loose = MGDA(solver="frank_wolfe", tol=0.5).aggregate(inputs_from(G))
+    ref = min_norm_frank_wolfe(M, tol=0.5)
+    assert torch.equal(loose.weights, ref.weights)
+    assert loose.extras["iterations"] == ref.iterations < min_norm_frank_wolfe(M).iterations
+    assert MGDA().aggregate(inputs_from(G)).extras["solver"] == "frank_wolfe"
+    two = MGDA().aggregate(inputs_from(G[:2]))
+    assert two.extras["solver"] == "closed_form" and two.extras["iterations"] == 0

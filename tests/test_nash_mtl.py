@@ -284,3 +284,80 @@ def test_two_opposed_gradients_after_a_step_reuse_the_previous_weights_with_a_wa
     method.commit(agg.pending)
     assert method.failures == 1
     torch.testing.assert_close(method.alpha_n, previous_n)
+
+
+# ------------------------------------ the convex-concave iterations, start points and failure count
+def _scaled_problem(k, seed):
+    """Conflicting gradients with norms spread over e^{+-3}: the normalised Gram matrix M~."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(k, 10, generator=gen, dtype=torch.float64)
+    g = g * torch.exp(1.5 * torch.randn(k, 1, generator=gen, dtype=torch.float64))
+    return g, (g @ g.T / torch.linalg.matrix_norm(g @ g.T)).numpy()
+
+
+def test_one_iteration_solves_the_official_linearised_subproblem():
+    """optim_niter=1 runs exactly one convex-concave step from the start a^t: the official
+    subproblem min sum(M a) + phi'(a^t) . a, phi'(a^t) = 1/a^t + M (1 / (M a^t)), subject to
+    -log a_i - log (M a)_i <= 0 (AvivNavon/nash-mtl, weight_methods.py), solved here directly."""
+    import cvxpy as cp
+
+    _, m_n = _scaled_problem(3, seed=7)
+    start = 1.0 / np.sqrt(np.diag(m_n))
+    assert (start > 0).all() and (m_n @ start > 0).all()  # the linearisation applies
+    one, it, failures = NashMTL(optim_niter=1).solve(m_n, start)
+    assert it == 1 and failures == 0
+    a = cp.Variable(3, nonneg=True)
+    phi = 1.0 / start + m_n @ (1.0 / (m_n @ start))
+    cp.Problem(cp.Minimize(cp.sum(m_n @ a) + phi @ a),
+               [-cp.log(a[i]) - cp.log((m_n @ a)[i]) <= 0 for i in range(3)]).solve(solver="CLARABEL")
+    np.testing.assert_allclose(one, a.value, rtol=1e-6)
+    assert np.abs(one * (m_n @ one) - 1).max() > 1.0  # one step is not yet the solution here
+    full, it_full, _ = NashMTL().solve(m_n, start)
+    assert it_full > 1 and np.abs(full * (m_n @ full) - 1).max() < 1e-6
+
+
+def test_first_solve_starts_from_inverse_norms_and_later_ones_warm_start():
+    """Step 0 starts at a_i = 1 / ||g_i|| (on M~), not the official ones; a later step starts at
+    the previous solution, so re-solving the same problem takes one iteration."""
+    g, m_n = _scaled_problem(5, seed=14)
+    agg = NashMTL().aggregate(inputs_for(g))
+    from_norms = NashMTL().solve(m_n, 1.0 / np.sqrt(np.diag(m_n)))[1]
+    from_ones = NashMTL().solve(m_n, np.ones(5))[1]
+    assert agg.extras["solver_iterations"] == from_norms < from_ones
+    g, m_n = _scaled_problem(5, seed=23)
+    method = NashMTL()
+    cold = method.aggregate(inputs_for(g))
+    assert cold.extras["solver_iterations"] > 1
+    method.commit(cold.pending)
+    warm = method.aggregate(inputs_for(g, step=1))
+    assert warm.extras["solver_iterations"] == 1
+    torch.testing.assert_close(warm.weights, cold.weights, rtol=1e-6, atol=0)
+
+
+def test_solver_failures_add_up_across_steps_and_in_the_state():
+    method = NashMTL()
+    method.commit(method.aggregate(inputs_for(torch.tensor([[1.0, 2.0], [-1.0, 0.5]], dtype=torch.float64))).pending)
+    opposed = torch.tensor([[2.0, 4.0], [-1.0, -2.0]], dtype=torch.float64)
+    for step in (1, 2):
+        with pytest.warns(RuntimeWarning, match="Pareto-stationary"):
+            agg = method.aggregate(inputs_for(opposed, step=step))
+        assert agg.extras["solver_failures"] == 1
+        method.commit(agg.pending)
+    assert method.failures == 2 and method.state_dict()["failures"] == 2
+
+
+def test_reused_weights_are_re_clipped_with_the_current_gram_matrix():
+    """update_every=2: the step in between reuses a, clipped to max_norm with this step's M."""
+    method = NashMTL(update_every=2, max_norm=1.0)
+    grads = 10 * well_conditioned(3, seed=7)
+    first = method.aggregate(inputs_for(grads, step=0))
+    method.commit(first.pending)
+    other = 20 * well_conditioned(3, seed=8)
+    gram = other @ other.T
+    agg = method.aggregate(inputs_for(other, step=1))
+    assert agg.extras["reused"] is True
+    torch.testing.assert_close(agg.head_weights, first.head_weights, rtol=0, atol=0)  # the same a, unclipped
+    raw_norm = float(first.head_weights @ gram @ first.head_weights) ** 0.5
+    assert raw_norm > 1.5
+    assert float(agg.weights @ gram @ agg.weights) ** 0.5 == pytest.approx(1.0, rel=1e-5)
+    torch.testing.assert_close(agg.weights, first.head_weights / (raw_norm + 1e-6), rtol=1e-12, atol=0)

@@ -105,6 +105,19 @@ def test_fresh_order_per_task_and_per_step():
     assert len(set(firsts)) > 1
 
 
+def test_orthogonal_gradients_are_not_conflicting():
+    """g_i . g_j = 0 is no conflict (the paper projects on g_i . g_j < 0): no projection counted,
+    the update is the plain sum."""
+    grads = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [-1.0, 0.0, 1.0]], dtype=D)
+    agg = PCGrad().aggregate(inputs(grads))
+    assert agg.extras["projections"] == 2  # g0 and g2 conflict, both ways; g1 is orthogonal to both
+    torch.testing.assert_close(agg.weights @ grads, reference(grads, [[1, 2], [0, 2], [0, 1]]).sum(0))
+    free = torch.tensor([[1.0, 0.0], [0.0, 3.0]], dtype=D)
+    agg = PCGrad().aggregate(inputs(free))
+    assert agg.extras["projections"] == 0
+    torch.testing.assert_close(agg.weights, torch.ones(2, dtype=D), rtol=0, atol=0)
+
+
 def test_order_matters_case_really_depends_on_order():
     outs = {tuple(reference(ORDER_MATTERS, o).sum(0).round(decimals=9).tolist()) for o in all_orders(3)}
     assert len(outs) > 1

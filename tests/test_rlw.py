@@ -49,6 +49,32 @@ def test_sum_to_k_scale():
     torch.testing.assert_close(b, 5 * a, atol=1e-15, rtol=0)
 
 
+def test_weights_are_the_softmax_of_the_seeded_draws():
+    """lambda = softmax(z) with z the seeded generator's next N(0, I) (or U(0, 1)) draws, in order."""
+    for distribution, draw in (("normal", torch.randn), ("uniform", torch.rand)):
+        gen = torch.Generator().manual_seed(11)
+        z = torch.stack([draw(4, generator=gen, dtype=D) for _ in range(3)])
+        torch.testing.assert_close(draws(RLW(seed=11, distribution=distribution), 4, 3), torch.softmax(z, dim=1),
+                                   rtol=0, atol=1e-15)
+
+
+def test_update_is_the_gradient_of_the_weighted_sum_heads_included():
+    """RLW's update on every parameter (heads included) is that of sum_i lambda_i L_i."""
+    k = 3
+    model = MultiTaskNet(k).double()
+    x, y = make_batch(k)
+    opt = gb.GradBalance(torch.optim.SGD(model.parameters(), lr=0.1), RLW(seed=5), shared_params=model.trunk)
+    _, losses = task_losses(model, x.double(), y.double())
+    lam = opt.backward(losses).weights
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    _, losses = task_losses(model, x.double(), y.double())
+    sum(w * loss for w, loss in zip(lam, losses)).backward()
+    assert float(lam.max() - lam.min()) > 1e-2
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-12)
+
+
 def test_uncommitted_draws_are_repeated():
     m = RLW()
     x = TaskInputs(losses=torch.ones(3, dtype=D))

@@ -287,3 +287,103 @@ def test_frank_wolfe_kkt_on_many_small_random_and_degenerate_problems():
         assert bool(torch.isfinite(r.weights).all())
         assert_kkt(G, r.weights)
     assert statuses.count("optimal") >= 0.99 * len(statuses)
+
+
+def test_plain_frank_wolfe_stops_at_the_first_iterate_within_the_default_tolerance():
+    """Default tol = 1e-5 relative gap: the returned iterate is within it, the one before is not."""
+    G = rand_g(8, 20, seed=3)
+    M = G @ G.T
+    r = min_norm_frank_wolfe(M, corrective=False)
+    floor = 1e-13 * 8 * float(M.diagonal().max())
+    assert r.status == "optimal" and r.iterations > 1
+    assert float(r.gap) <= 1e-5 * float(r.objective) + floor
+    before = min_norm_frank_wolfe(M, max_iter=r.iterations - 1, corrective=False)
+    assert before.status == "max_iter"
+    assert float(before.gap) > 1e-5 * float(before.objective) + floor
+
+
+def test_dispatcher_passes_max_iter_and_tol_to_frank_wolfe():
+    G = rand_g(8, 20, seed=4)
+    M = G @ G.T
+    exact = min_norm(M, "frank_wolfe")
+    loose = min_norm(M, "frank_wolfe", tol=0.5)
+    direct = min_norm_frank_wolfe(M, tol=0.5)
+    assert loose.iterations == direct.iterations < exact.iterations
+    assert torch.equal(loose.weights, direct.weights)
+    assert float(loose.gap) <= 0.5 * float(loose.objective)
+    capped = min_norm(M, "frank_wolfe", max_iter=0)  # the best pair, no iteration
+    assert capped.status == "max_iter" and capped.iterations == 0
+    i, j, gamma = best_pair(M)
+    start = torch.zeros(8, dtype=D)
+    start[i] += gamma
+    start[j] += 1 - gamma
+    torch.testing.assert_close(capped.weights, start, atol=1e-15, rtol=0)
+
+
+def test_auto_solves_two_tasks_in_closed_form():
+    """Identical gradients: the closed form splits evenly (Frank-Wolfe would return a vertex)."""
+    g = rand_g(1, 4, seed=2)[0]
+    G = torch.stack([g, g])
+    r = min_norm(G @ G.T)
+    torch.testing.assert_close(r.weights, torch.tensor([0.5, 0.5], dtype=D), atol=0, rtol=0)
+
+
+def test_frank_wolfe_uses_only_the_symmetric_part_of_M():
+    """a^T M a depends on (M + M^T) / 2 only; an asymmetric M (rounding in a float32 Gram matrix,
+    here exaggerated) gives the weights of its symmetric part, not a different optimum."""
+    G = rand_g(6, 10, seed=14)
+    M = G @ G.T
+    E = 1e-2 * rand_g(6, 6, seed=15)
+    E = E - E.T
+    ref = min_norm_frank_wolfe(M)
+    r = min_norm_frank_wolfe(M + E)
+    torch.testing.assert_close(r.weights, ref.weights, atol=1e-10, rtol=0)
+    torch.testing.assert_close(r.objective, ref.objective, atol=1e-10, rtol=0)
+
+
+def test_cvxpy_retries_an_inaccurate_tight_solve_at_the_solver_defaults(monkeypatch):
+    """A Clarabel solve that cannot reach the 1e-12 tolerances (status optimal_inaccurate) is
+    re-run once at Clarabel's own tolerances, and that answer is used."""
+    import cvxpy as cp
+
+    calls = []
+    original_solve, original_status = cp.Problem.solve, cp.Problem.status
+
+    def solve(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original_solve(self, *args, **kwargs)
+
+    def status(self):  # the first (tight) attempt reports inaccurate
+        return cp.OPTIMAL_INACCURATE if len(calls) == 1 else original_status.fget(self)
+
+    monkeypatch.setattr(cp.Problem, "solve", solve)
+    monkeypatch.setattr(cp.Problem, "status", property(status))
+    G = rand_g(5, 8, seed=16)
+    M = G @ G.T
+    r = min_norm_cvxpy(M)
+    assert len(calls) == 2
+    assert calls[0].get("tol_gap_abs") == 1e-12 and "tol_gap_abs" not in calls[1]
+    assert_kkt(G, r.weights, tol=1e-6)
+
+
+def test_cvxpy_answer_is_put_back_on_the_simplex(monkeypatch):
+    """A solver answer off the constraint by its tolerance (a slightly wrong sum, a tiny negative
+    entry) is clipped at 0 and renormalised: the weights returned lie on the simplex."""
+    import cvxpy as cp
+
+    original_solve = cp.Problem.solve
+
+    def solve(self, *args, **kwargs):
+        out = original_solve(self, *args, **kwargs)
+        (b,) = self.variables()
+        value = 1.001 * b.value
+        value[value.argmin()] = -1e-9
+        b.value = value
+        return out
+
+    monkeypatch.setattr(cp.Problem, "solve", solve)
+    G = rand_g(6, 3, seed=19)  # four of the six weights are 0 at the optimum
+    r = min_norm_cvxpy(G @ G.T)
+    assert float(r.weights.min()) >= 0.0
+    assert abs(float(r.weights.sum()) - 1.0) <= 1e-15
+    assert_kkt(G, r.weights, tol=1e-6)

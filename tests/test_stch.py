@@ -48,6 +48,31 @@ def test_log_weights_are_the_gradient_with_the_warmup_nadir():
     assert agg.pending is None  # nothing to commit after the warm-up
 
 
+def test_nadir_is_the_mean_of_the_warmup_losses_with_a_preference():
+    """With a preference the nadir's scale matters (lambda_i log(L_i / n_i) shifts by lambda_i times
+    a common log factor): n must be the mean of the averaged warm-up losses. A state_dict round
+    trip in the middle of the warm-up continues identically."""
+    history = [[4.0, 1.0], [2.0, 3.0], [1.0, 2.0], [3.0, 1.0]]
+    pref = torch.tensor([1.0, 3.0], dtype=torch.float64)
+
+    def run(reload_at):
+        method = STCH(mu=0.5, preference=pref.tolist(), warmup_steps=3, nadir_steps=2)
+        for step, losses in enumerate(history[:3]):
+            if step == reload_at:
+                state = method.state_dict()
+                method = STCH(mu=0.5, preference=pref.tolist(), warmup_steps=3, nadir_steps=2)
+                method.load_state_dict(state)
+            method.commit(_weights(method, losses, step).pending)
+        return _weights(method, history[3], step=3).weights
+
+    nadir = torch.tensor([1.5, 2.5], dtype=torch.float64)
+    losses = torch.tensor(history[3], dtype=torch.float64, requires_grad=True)
+    value = 2 * 0.5 * torch.logsumexp(pref * torch.log(losses / nadir) / 0.5, 0)
+    (expected,) = torch.autograd.grad(value, losses)
+    torch.testing.assert_close(run(None), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(run(2), expected, rtol=1e-12, atol=0)
+
+
 def test_small_mu_concentrates_on_the_worst_task_and_large_mu_spreads():
     losses = [1.0, 3.0, 2.0]
     w = _weights(STCH(mu=1e-3, objective="linear"), losses).weights

@@ -99,12 +99,36 @@ def test_reg_allows_only_small_conflicts():
     assert (w - w0).abs().max() < 1e-2
 
 
+def test_reg_is_passed_to_the_projection():
+    """reg = 1e-4 (torchjd's) solves the regularised projection, which differs from the exact one."""
+    grads = random_gradients(5, seed=0)
+    gram = grads @ grads.T
+    w = UPGrad(reg=1e-4).aggregate(inputs_for(grads)).weights
+    expected = project_weights(gram, torch.eye(5, dtype=torch.float64) / 5, reg=1e-4).sum(dim=1)
+    torch.testing.assert_close(w, expected, rtol=1e-10, atol=1e-12)
+    assert float((w - UPGrad().aggregate(inputs_for(grads)).weights).abs().max()) > 1e-6
+
+
+def test_hand_computed_cone_and_projection_count():
+    """2-D gradients g0 = (1, 0), g1 = (-1, 1), g2 = (-1, 0.1): the dual cone is d_x >= 0,
+    d_y >= 10 d_x. Projections: g0 -> (1, 10) / 101 (onto the ray of g2's constraint), g1 -> (0, 1),
+    g2 -> (0, 0.1) (onto d_x = 0). Every projection moved (3), although only g0 and g2 carry the
+    active constraints; heads get their plain gradients."""
+    grads = torch.tensor([[1.0, 0.0], [-1.0, 1.0], [-1.0, 0.1]], dtype=torch.float64)
+    agg = UPGrad().aggregate(inputs_for(grads))
+    projections = torch.tensor([[1 / 101, 10 / 101], [0.0, 1.0], [0.0, 0.1]], dtype=torch.float64)
+    expected = projections.mean(0)
+    torch.testing.assert_close(agg.weights @ grads, expected, rtol=1e-9, atol=1e-12)
+    assert agg.extras["projected"] == 3
+    torch.testing.assert_close(agg.head_weights, torch.ones(3, dtype=torch.float64))
+
+
 def test_all_zero_gradients():
     agg = UPGrad().aggregate(inputs_for(torch.zeros(3, 5, dtype=torch.float64)))
     torch.testing.assert_close(agg.weights, torch.full((3,), 1 / 3, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("kwargs", [{"pref": [1.0, -1.0]}, {"pref": [0.0, 0.0]}, {"reg": -1.0}])
+@pytest.mark.parametrize("kwargs", [{"pref": [1.0, -1.0]}, {"pref": [2.0, -1.0]}, {"pref": [0.0, 0.0]}, {"reg": -1.0}])
 def test_bad_hyperparameters(kwargs):
     with pytest.raises(ValueError):
         UPGrad(**kwargs)

@@ -138,6 +138,17 @@ def test_end_to_end_weights_move_and_apply_to_everything():
         torch.testing.assert_close(got[n], p.grad, atol=1e-6, rtol=1e-6)
 
 
+def test_a_task_that_joins_later_starts_at_its_own_init():
+    """init given per task (in first-seen order): a task first seen at a later step starts at its
+    own entry, not at the first one."""
+    m = UW(init=[0.1, 0.2, 0.3], lr=0.1)
+    for names in (("a", "b"), ("a", "b", "c")):
+        agg = m.aggregate(TaskInputs(losses=torch.ones(len(names), dtype=D), task_names=names))
+        m.commit(agg.pending)
+    torch.testing.assert_close(agg.extras["log_variance"][2], torch.tensor(0.3, dtype=D), rtol=0, atol=0)
+    torch.testing.assert_close(agg.weights[2], 0.5 * torch.exp(torch.tensor(-0.3, dtype=D)))
+
+
 def test_missing_tasks_keep_their_state():
     """Tasks are keyed by name: an absent task's s and moments stay untouched until it returns."""
     m = UW(lr=0.1)
