@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -205,3 +206,41 @@ def test_warns_once_when_epoch_end_is_never_called():
         for _ in range(2000):
             run(quiet, [1.0, 2.0])
     assert DWA.epoch_warning_steps == 1000
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+
+
+def test_state_dicts_are_snapshots_not_views():
+    # like torch.optim: a saved state must not change when the method keeps training, and a
+    # loaded state must not be changed by the method that loaded it
+    m = DWA()
+    run(m, [1.0, 2.0])
+    m.epoch_end()
+    run(m, [3.0, 1.0])
+    saved = m.state_dict()
+    frozen = copy.deepcopy(saved)
+    run(m, [2.0, 2.0])
+    m.epoch_end()
+    assert _same_state(saved, frozen)
+    twin = DWA()
+    twin.load_state_dict(saved)
+    run(twin, [5.0, 4.0])
+    twin.epoch_end()
+    run(twin, [5.0, 4.0])
+    assert _same_state(saved, frozen)
+
+
+def test_warning_comes_at_exactly_epoch_warning_steps_commits():
+    import warnings
+
+    m = DWA()
+    m.epoch_warning_steps = 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(m, [1.0, 2.0])
+        run(m, [1.0, 2.0])
+    with pytest.warns(RuntimeWarning, match="has committed 3 steps"):
+        run(m, [1.0, 2.0])
