@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -322,3 +323,26 @@ def test_weights_use_the_symmetric_part_of_the_gram():
     for m in (bent, bent.T):
         got = FairGrad().aggregate(TaskInputs(losses=ones, gram=m)).extras["solution"]
         torch.testing.assert_close(got, ref, rtol=1e-9, atol=0)
+
+
+class _InexactFairGrad(FairGrad):
+    """FairGrad whose k >= 3 solver stops at a relative error ``err`` of the exact solution."""
+
+    def __init__(self, err):
+        super().__init__()
+        self.err = err
+
+    def solve(self, gram):
+        return super().solve(gram) * (1 + self.err)
+
+
+def test_a_k3_solve_with_relative_residual_above_1e_6_warns():
+    g = _grads(3, seed=2)
+    inputs = TaskInputs(losses=torch.ones(3, dtype=torch.float64), gram=g @ g.T)
+    with pytest.warns(RuntimeWarning, match="relative residual"):
+        agg = _InexactFairGrad(1e-5).aggregate(inputs)
+    assert 1e-6 < agg.extras["residual"] < 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        agg = _InexactFairGrad(1e-8).aggregate(inputs)
+    assert agg.extras["residual"] < 1e-6
