@@ -110,3 +110,9 @@ def test_reg_solves_the_regularised_problem():
     cp.Problem(cp.Minimize(cp.quad_form(v, cp.psd_wrap(a))), [v >= p]).solve(solver="CLARABEL")
     np.testing.assert_allclose(w.numpy(), v.value, atol=1e-6)
     assert (w - DualProj().aggregate(inputs_for(grads)).weights).abs().max() > 1e-2
+
+
+def test_repr_names_every_argument():
+    # repr is built from hyperparameters(), which checkpoints record to warn on a changed method
+    assert repr(DualProj(pref=[0.7, 0.3], reg=0.1)) == "DualProj(pref=[0.7, 0.3], reg=0.1)"
+    assert repr(DualProj()) == "DualProj(pref=None, reg=0.0)"

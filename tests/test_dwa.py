@@ -244,3 +244,9 @@ def test_warning_comes_at_exactly_epoch_warning_steps_commits():
         run(m, [1.0, 2.0])
     with pytest.warns(RuntimeWarning, match="has committed 3 steps"):
         run(m, [1.0, 2.0])
+
+
+def test_repr_names_every_argument():
+    # repr is built from hyperparameters(), which checkpoints record to warn on a changed method
+    assert repr(DWA(temperature=0.5, window="step")) == "DWA(temperature=0.5, window='step')"
+    assert repr(DWA()) == "DWA(temperature=2.0, window='epoch')"

@@ -342,3 +342,9 @@ def test_logits_are_bit_identical_to_torch_adam():
     method = FAMO(lr=0.1, gamma=0.01)
     for losses, want in zip(seq, _adam_reference_logits(seq, [0.0, 0.0, 0.0], 0.1, 0.01)):
         assert torch.equal(_step(method, losses).extras["logits"], want)
+
+
+def test_repr_names_every_argument():
+    # repr is built from hyperparameters(), which checkpoints record to warn on a changed method
+    got = repr(FAMO(lr=0.1, gamma=0.01, min_losses=[0.1, 0.2], max_norm=None))
+    assert got == "FAMO(lr=0.1, gamma=0.01, min_losses=(0.1, 0.2), max_norm=None)"
