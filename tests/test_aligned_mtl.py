@@ -134,3 +134,9 @@ def test_weights_use_the_symmetric_part_of_the_gram():
     ref = AlignedMTL().aggregate(inputs_for(grads)).weights
     for m in (bent, bent.T):
         torch.testing.assert_close(AlignedMTL().aggregate(gb.methods.TaskInputs(losses=ones, gram=m)).weights, ref)
+
+
+def test_repr_names_every_argument():
+    # repr is built from hyperparameters(), which checkpoints record to warn on a changed method
+    expected = "AlignedMTL(scale='rmse', mode='representation', scale_heads=True)"
+    assert repr(AlignedMTL(scale="rmse", mode="representation", scale_heads=True)) == expected

@@ -145,3 +145,8 @@ def test_weights_use_the_symmetric_part_of_the_gram():
     for m in (bent, bent.T):
         torch.testing.assert_close(CAGrad().aggregate(gb.methods.TaskInputs(losses=ones, gram=m)).weights, ref,
                                    atol=1e-7, rtol=0)
+
+
+def test_repr_names_every_argument():
+    # repr is built from hyperparameters(), which checkpoints record to warn on a changed method
+    assert repr(CAGrad(c=0.5, rescale=2)) == "CAGrad(c=0.5, rescale=2)"

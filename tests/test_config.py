@@ -98,3 +98,8 @@ def test_rcond_cuts_the_cosine_spectrum_like_pinv(t, rcond):
     torch.testing.assert_close(d, (g @ gu).sum() * gu, rtol=1e-6, atol=1e-9)
     cos = (g @ d) / (g.norm(dim=1) * d.norm())
     assert bool((cos.max() - cos.min() < 1e-6)) == (rcond == 0.0)  # only the exact solve equalises them
+
+
+def test_repr_names_every_argument():
+    # repr is built from hyperparameters(), which checkpoints record to warn on a changed method
+    assert repr(ConFIG(rcond=1e-4)) == "ConFIG(rcond=0.0001)"

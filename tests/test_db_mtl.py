@@ -184,3 +184,8 @@ def test_zero_ema_gradient_gets_scale_zero():
     agg = DBMTL(beta=0.0).aggregate(_inputs(g, [1.0, 1.0, 1.0]))
     torch.testing.assert_close(agg.extras["alpha"], torch.tensor([1.0, 0.0, 3.0], dtype=torch.float64))
     torch.testing.assert_close(agg.direction, torch.tensor([3.0, 3.0], dtype=torch.float64))
+
+
+def test_repr_names_every_argument():
+    # repr is built from hyperparameters(), which checkpoints record to warn on a changed method
+    assert repr(DBMTL(beta=0.5, beta_sigma=0.25)) == "DBMTL(beta=0.5, beta_sigma=0.25)"

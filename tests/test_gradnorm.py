@@ -346,3 +346,11 @@ def test_present_weights_all_clamped_to_zero_share_what_they_held():
     assert (agg.pending["grad"] > 0).all()
     m.commit(agg.pending)
     torch.testing.assert_close(m.weights, torch.tensor([0.5, 0.5, 2.0], dtype=D), rtol=0, atol=1e-15)
+
+
+def test_repr_names_every_argument():
+    # repr is built from hyperparameters(), which checkpoints record to warn on a changed method
+    expected = "GradNorm(alpha=0.5, lr=0.1, layer=2, optimizer='sgd')"
+    assert repr(GradNorm(alpha=0.5, lr=0.1, layer=2, optimizer="sgd")) == expected
+    expected = "GradNorm(alpha=1.5, lr=0.025, layer='<tensor (3, 4)>', optimizer='adam')"
+    assert repr(GradNorm(layer=torch.zeros(3, 4))) == expected

@@ -214,3 +214,8 @@ def test_exactly_opposed_gradients_with_a_rounded_cosine_below_minus_one():
     agg = GradVac().aggregate(_inputs(g))
     assert bool(torch.isfinite(agg.weights).all()) and bool(torch.isfinite(agg.pending[0]).all())
     assert float((agg.weights @ g).norm()) < 1e-12
+
+
+def test_repr_names_every_argument():
+    # repr is built from hyperparameters(), which checkpoints record to warn on a changed method
+    assert repr(GradVac(beta=0.5, seed=3)) == "GradVac(beta=0.5, seed=3)"
