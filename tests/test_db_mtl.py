@@ -189,3 +189,13 @@ def test_zero_ema_gradient_gets_scale_zero():
 def test_repr_names_every_argument():
     # repr is built from hyperparameters(), which checkpoints record to warn on a changed method
     assert repr(DBMTL(beta=0.5, beta_sigma=0.25)) == "DBMTL(beta=0.5, beta_sigma=0.25)"
+
+
+def test_bad_state_is_refused_and_changes_nothing():
+    method = DBMTL()
+    method.commit(method.aggregate(_inputs(torch.ones(2, 3, dtype=torch.float64), [1.0, 2.0])).pending)
+    before = method.state_dict()
+    with pytest.raises(ValueError, match="keys"):
+        method.load_state_dict({"ema": torch.zeros(2, 3, dtype=torch.float64)})
+    after = method.state_dict()
+    assert torch.equal(after["ema"], before["ema"]) and after["steps"] == before["steps"] == 1

@@ -250,3 +250,13 @@ def test_repr_names_every_argument():
     # repr is built from hyperparameters(), which checkpoints record to warn on a changed method
     assert repr(DWA(temperature=0.5, window="step")) == "DWA(temperature=0.5, window='step')"
     assert repr(DWA()) == "DWA(temperature=2.0, window='epoch')"
+
+
+def test_bad_state_is_refused_and_changes_nothing():
+    m = DWA(window="step")
+    run(m, [1.0, 2.0])
+    before = m.state_dict()
+    bad = dict(before, sum=torch.zeros(3, dtype=D))  # one entry too many
+    with pytest.raises(ValueError, match="one entry per task"):
+        m.load_state_dict(bad)
+    assert _same_state(m.state_dict(), before)

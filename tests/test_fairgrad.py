@@ -346,3 +346,14 @@ def test_a_k3_solve_with_relative_residual_above_1e_6_warns():
         warnings.simplefilter("error")
         agg = _InexactFairGrad(1e-8).aggregate(inputs)
     assert agg.extras["residual"] < 1e-6
+
+
+def test_bad_state_is_refused_and_changes_nothing():
+    method = FairGrad()
+    g = _grads(2, seed=1)
+    method.commit(method.aggregate(TaskInputs(losses=torch.ones(2, dtype=torch.float64), gram=g @ g.T)).pending)
+    before = method.state_dict()
+    with pytest.raises(ValueError, match="missing"):
+        method.load_state_dict({"failures": 5})
+    after = method.state_dict()
+    assert after["failures"] == before["failures"] == 0 and torch.equal(after["w_n"], before["w_n"])

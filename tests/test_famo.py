@@ -348,3 +348,17 @@ def test_repr_names_every_argument():
     # repr is built from hyperparameters(), which checkpoints record to warn on a changed method
     got = repr(FAMO(lr=0.1, gamma=0.01, min_losses=[0.1, 0.2], max_norm=None))
     assert got == "FAMO(lr=0.1, gamma=0.01, min_losses=(0.1, 0.2), max_norm=None)"
+
+
+def test_bad_state_is_refused_and_changes_nothing():
+    method = FAMO()
+    _step(method, [1.0, 2.0])
+    _step(method, [0.9, 1.5])
+    before = method.state_dict()
+    bad = dict(before)
+    del bad["exp_avg_sq"]
+    with pytest.raises(ValueError, match="keys"):
+        method.load_state_dict(bad)
+    after = method.state_dict()
+    assert all(torch.equal(after[k], before[k]) if torch.is_tensor(before[k]) else after[k] == before[k]
+               for k in before)

@@ -354,3 +354,15 @@ def test_repr_names_every_argument():
     assert repr(GradNorm(alpha=0.5, lr=0.1, layer=2, optimizer="sgd")) == expected
     expected = "GradNorm(alpha=1.5, lr=0.025, layer='<tensor (3, 4)>', optimizer='adam')"
     assert repr(GradNorm(layer=torch.zeros(3, 4))) == expected
+
+
+def test_bad_state_is_refused_and_changes_nothing():
+    m = GradNorm()
+    step(m, [1.0, 2.0], [1.0, 3.0])
+    before = m.state_dict()
+    bad = dict(before, v=torch.zeros(3, dtype=D))  # one entry too many
+    with pytest.raises(ValueError, match="one entry per task"):
+        m.load_state_dict(bad)
+    after = m.state_dict()
+    assert after["tasks"] == before["tasks"]
+    assert all(torch.equal(after[k], before[k]) for k in ("w", "l0", "m", "v", "t"))
