@@ -150,3 +150,15 @@ def test_weights_use_the_symmetric_part_of_the_gram():
 def test_repr_names_every_argument():
     # repr is built from hyperparameters(), which checkpoints record to warn on a changed method
     assert repr(CAGrad(c=0.5, rescale=2)) == "CAGrad(c=0.5, rescale=2)"
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_reported_lambda_is_c_norm_g0_over_norm_gw(seed):
+    grads = random_gradients(4, seed=seed)
+    method = CAGrad(c=0.6, rescale=0)
+    w_star, _, _ = method.solve(grads @ grads.T)
+    gw = torch.from_numpy(w_star) @ grads
+    lam = 0.6 * float(grads.mean(0).norm()) / float(gw.norm())
+    agg = method.aggregate(inputs_for(grads))
+    assert agg.extras["lambda"] == pytest.approx(lam, rel=1e-9)
+    torch.testing.assert_close(agg.weights, 0.25 + lam * torch.from_numpy(w_star))

@@ -260,3 +260,17 @@ def test_bad_state_is_refused_and_changes_nothing():
     with pytest.raises(ValueError, match="one entry per task"):
         m.load_state_dict(bad)
     assert _same_state(m.state_dict(), before)
+
+
+def test_reported_averages_is_the_fewest_any_task_has():
+    m = DWA()
+    assert m.aggregate(TaskInputs(losses=torch.ones(2, dtype=D))).extras["averages"] == 0
+    for _ in range(2):
+        run(m, [1.0, 2.0])
+        m.epoch_end()
+    agg = m.aggregate(TaskInputs(losses=torch.ones(2, dtype=D)))
+    assert agg.extras["averages"] == 2
+    named = DWA(window="step")
+    run_named(named, {"a": 1.0, "b": 1.0})
+    run_named(named, {"a": 1.0})
+    assert named.aggregate(TaskInputs(losses=torch.ones(1, dtype=D), task_names=("a",))).extras["averages"] == 1

@@ -357,3 +357,13 @@ def test_bad_state_is_refused_and_changes_nothing():
         method.load_state_dict({"failures": 5})
     after = method.state_dict()
     assert after["failures"] == before["failures"] == 0 and torch.equal(after["w_n"], before["w_n"])
+
+
+@pytest.mark.parametrize("max_norm", [None, 1e-3])
+def test_reported_update_norm_is_the_norm_of_the_applied_shared_update(max_norm):
+    g = _grads(3, seed=4)
+    agg = FairGrad(max_norm=max_norm).aggregate(TaskInputs(losses=torch.ones(3, dtype=torch.float64), gram=g @ g.T))
+    applied = float((agg.weights @ g).norm())
+    assert agg.extras["update_norm"] == pytest.approx(applied, rel=1e-10)
+    if max_norm is not None:
+        assert agg.extras["clip"] < 1.0 and applied == pytest.approx(max_norm, rel=1e-3)

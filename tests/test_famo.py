@@ -362,3 +362,16 @@ def test_bad_state_is_refused_and_changes_nothing():
     after = method.state_dict()
     assert all(torch.equal(after[k], before[k]) if torch.is_tensor(before[k]) else after[k] == before[k]
                for k in before)
+
+
+def test_with_a_gram_the_clip_is_folded_and_the_update_norm_reported():
+    # with the Gram matrix at hand (accumulation="buffered") the clip goes into the weights;
+    # extras report the clipped update's norm, the heads keep the unclipped weights
+    g = torch.tensor([[3.0, 0.0], [1.0, 4.0]], dtype=torch.float64)
+    agg = FAMO(max_norm=0.5).aggregate(TaskInputs(losses=torch.tensor([1.0, 2.0], dtype=torch.float64), gram=g @ g.T))
+    unclipped = torch.tensor([2 / 3, 1 / 3], dtype=torch.float64)  # z uniform: w_i ~ 1 / L_i
+    torch.testing.assert_close(agg.head_weights, unclipped)
+    n = float((unclipped @ g).norm())
+    torch.testing.assert_close(agg.weights, unclipped * 0.5 / (n + 1e-6))
+    assert agg.max_norm is None
+    assert agg.extras["update_norm"] == pytest.approx(float((agg.weights @ g).norm()), rel=1e-12)
