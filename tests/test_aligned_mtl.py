@@ -107,3 +107,36 @@ def test_end_to_end_representation():
 def test_doc_snippets_run():
     assert run_doc_snippets("aligned_mtl") >= 1
     assert run_doc_snippets("aligned_mtl_ub") >= 1
+
+
+def test_eigenvalue_tolerance_is_k_times_float32_eps_relative_to_the_largest():
+    # the official tolerance drops eigenvalues <= lambda_max * k * eps32: with k = 4 an eigenvalue
+    # of 2 eps32 is dropped (W is then the projector on the other three), one of 5 eps32 is kept
+    eps = float(torch.finfo(torch.float32).eps)
+    dropped = torch.diag(torch.tensor([1.0, 1.0, 1.0, 2 * eps], dtype=torch.float64))
+    agg = AlignedMTL().aggregate(inputs_for(dropped.sqrt()))
+    assert agg.extras["rank"] == 3
+    torch.testing.assert_close(agg.weights, torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64))
+    kept = torch.diag(torch.tensor([1.0, 1.0, 1.0, 5 * eps], dtype=torch.float64))
+    agg = AlignedMTL().aggregate(inputs_for(kept.sqrt()))
+    assert agg.extras["rank"] == 4  # sigma = 5 eps: alpha_i = sqrt(sigma / lambda_i)
+    torch.testing.assert_close(agg.weights, torch.tensor([(5 * eps) ** 0.5] * 3 + [1.0], dtype=torch.float64))
+
+
+def test_weights_use_the_symmetric_part_of_the_gram():
+    # a Gram assembled from blocks can be asymmetric by rounding; the weights must not depend on
+    # which triangle the eigensolver reads: M, M^T and (M + M^T) / 2 give the same weights
+    grads = random_gradients(4, seed=8)
+    gram = grads @ grads.T
+    skew = 1e-3 * torch.triu(torch.ones(4, 4, dtype=torch.float64), 1)
+    bent = gram + skew - skew.T
+    ones = torch.ones(4, dtype=torch.float64)
+    ref = AlignedMTL().aggregate(inputs_for(grads)).weights
+    for m in (bent, bent.T):
+        torch.testing.assert_close(AlignedMTL().aggregate(gb.methods.TaskInputs(losses=ones, gram=m)).weights, ref)
+
+
+def test_repr_names_every_argument():
+    # repr is built from hyperparameters(), which checkpoints record to warn on a changed method
+    expected = "AlignedMTL(scale='rmse', mode='representation', scale_heads=True)"
+    assert repr(AlignedMTL(scale="rmse", mode="representation", scale_heads=True)) == expected

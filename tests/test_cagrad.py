@@ -116,3 +116,49 @@ def test_end_to_end():
 
 def test_doc_snippets_run():
     assert run_doc_snippets("cagrad") >= 1
+
+
+def test_zero_combined_gradient_drops_the_extra_term():
+    # g1 = e1, g2 = -e1, g3 = e2: w* = (1/2, 1/2, 0) gives g_w* = 0 (objective 0, the minimum), so
+    # lam = c ||g0|| / ||g_w*|| is undefined; the extra term is dropped and d = g0, which is primal
+    # optimal: max_d min_i g_i . d = 0 over the ball (any d with d_1 = 0), and g0 = (0, 1/3) attains it
+    grads = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    agg = CAGrad(c=0.4, rescale=0).aggregate(inputs_for(grads))
+    assert agg.extras["lambda"] == 0.0
+    torch.testing.assert_close(agg.weights, torch.full((3,), 1.0 / 3, dtype=torch.float64), rtol=0, atol=1e-15)
+    assert float((grads @ (agg.weights @ grads)).min()) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_c_zero_is_the_mean_without_running_the_solver():
+    agg = CAGrad(c=0.0).aggregate(inputs_for(random_gradients(4, seed=9)))
+    assert agg.extras == {"lambda": 0.0, "solver_iterations": 0}
+
+
+def test_weights_use_the_symmetric_part_of_the_gram():
+    # M, M^T and (M + M^T) / 2 give the same weights (a Gram assembled from blocks can be asymmetric
+    # by rounding; g0 . g_w = 1^T M w / k must use the symmetric part)
+    grads = random_gradients(4, seed=10)
+    skew = 0.05 * torch.triu(torch.ones(4, 4, dtype=torch.float64), 1)
+    bent = grads @ grads.T + skew - skew.T
+    ones = torch.ones(4, dtype=torch.float64)
+    ref = CAGrad().aggregate(inputs_for(grads)).weights
+    for m in (bent, bent.T):
+        torch.testing.assert_close(CAGrad().aggregate(gb.methods.TaskInputs(losses=ones, gram=m)).weights, ref,
+                                   atol=1e-7, rtol=0)
+
+
+def test_repr_names_every_argument():
+    # repr is built from hyperparameters(), which checkpoints record to warn on a changed method
+    assert repr(CAGrad(c=0.5, rescale=2)) == "CAGrad(c=0.5, rescale=2)"
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_reported_lambda_is_c_norm_g0_over_norm_gw(seed):
+    grads = random_gradients(4, seed=seed)
+    method = CAGrad(c=0.6, rescale=0)
+    w_star, _, _ = method.solve(grads @ grads.T)
+    gw = torch.from_numpy(w_star) @ grads
+    lam = 0.6 * float(grads.mean(0).norm()) / float(gw.norm())
+    agg = method.aggregate(inputs_for(grads))
+    assert agg.extras["lambda"] == pytest.approx(lam, rel=1e-9)
+    torch.testing.assert_close(agg.weights, 0.25 + lam * torch.from_numpy(w_star))

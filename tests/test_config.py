@@ -79,3 +79,27 @@ def test_end_to_end_step_and_heads():
     agg, info = check_one_step("config")
     assert torch.equal(agg.head_weights, torch.ones(3, dtype=torch.float64))
     assert torch.equal(info.weights, agg.weights)
+
+
+@pytest.mark.parametrize("t,rcond", [(1e-6, None), (1e-3, 1e-4), (1e-3, 0.0), (1.5e-2, 1e-4)])
+def test_rcond_cuts_the_cosine_spectrum_like_pinv(t, rcond):
+    # g3 leaves the plane of g1, g2 by an angle t: the cosine matrix N has an eigenvalue t^2 / 2.
+    # Eigenvalues of N = U U^T are the squared singular values of U, so dropping those below
+    # rcond * max (relative: 1.125e-4 at t = 1.5e-2 lies between rcond and rcond * max = 2e-4)
+    # is the P-dimensional pinv of U with rtol = sqrt(rcond).
+    g = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.5, 0.0],
+                      [3 * (1 - t * t) ** 0.5 / 2**0.5, 3 * (1 - t * t) ** 0.5 / 2**0.5, 3 * t]], dtype=torch.float64)
+    method = ConFIG() if rcond is None else ConFIG(rcond=rcond)
+    d, _ = _direction(g, method)
+    units = g / g.norm(dim=1, keepdim=True)
+    rtol = (1e-8 if rcond is None else rcond) ** 0.5
+    gv = torch.linalg.pinv(units, rtol=rtol) @ torch.ones(3, dtype=torch.float64)
+    gu = gv / gv.norm()
+    torch.testing.assert_close(d, (g @ gu).sum() * gu, rtol=1e-6, atol=1e-9)
+    cos = (g @ d) / (g.norm(dim=1) * d.norm())
+    assert bool((cos.max() - cos.min() < 1e-6)) == (rcond == 0.0)  # only the exact solve equalises them
+
+
+def test_repr_names_every_argument():
+    # repr is built from hyperparameters(), which checkpoints record to warn on a changed method
+    assert repr(ConFIG(rcond=1e-4)) == "ConFIG(rcond=0.0001)"

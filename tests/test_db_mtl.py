@@ -151,3 +151,51 @@ def test_training_matches_a_direct_implementation_of_the_recursion():
         ref.step()
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_carries_the_step_count_of_the_decaying_beta():
+    # with beta_sigma > 0 the next beta_t = beta / t^sigma depends on the saved step count: a
+    # loaded method must take exactly the original's next step, a fresh one must not
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randn(3, 4, generator=gen, dtype=torch.float64) for _ in range(3)]
+    losses = [0.5, 1.0, 2.0]
+    method = DBMTL(beta=0.8, beta_sigma=1.0)
+    for g in batches[:2]:
+        method.commit(method.aggregate(_inputs(g, losses)).pending)
+    state = method.state_dict()
+    assert state["steps"] == 2
+    loaded = DBMTL(beta=0.8, beta_sigma=1.0)
+    loaded.load_state_dict(copy.deepcopy(state))
+    expected = method.aggregate(_inputs(batches[2], losses))
+    got = loaded.aggregate(_inputs(batches[2], losses))
+    assert torch.equal(got.direction, expected.direction) and got.pending[1] == 3
+    # beta_3 = 0.8 / 3: the EMA recursion from the saved h with the step count restored
+    beta3 = 0.8 / 3
+    h3 = beta3 * state["ema"] + (1 - beta3) * batches[2] / torch.tensor(losses, dtype=torch.float64)[:, None]
+    torch.testing.assert_close(got.pending[0], h3)
+    only_ema = DBMTL(beta=0.8, beta_sigma=1.0)
+    only_ema.load_state_dict({"ema": state["ema"], "steps": 0})
+    assert not torch.allclose(only_ema.aggregate(_inputs(batches[2], losses)).direction, expected.direction)
+
+
+def test_zero_ema_gradient_gets_scale_zero():
+    # h = g / L with beta = 0: norms (3, 0, 1), scales (1, 0, 3), d = 1 * (3, 0) + 3 * (0, 1)
+    g = torch.tensor([[3.0, 0.0], [0.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    agg = DBMTL(beta=0.0).aggregate(_inputs(g, [1.0, 1.0, 1.0]))
+    torch.testing.assert_close(agg.extras["alpha"], torch.tensor([1.0, 0.0, 3.0], dtype=torch.float64))
+    torch.testing.assert_close(agg.direction, torch.tensor([3.0, 3.0], dtype=torch.float64))
+
+
+def test_repr_names_every_argument():
+    # repr is built from hyperparameters(), which checkpoints record to warn on a changed method
+    assert repr(DBMTL(beta=0.5, beta_sigma=0.25)) == "DBMTL(beta=0.5, beta_sigma=0.25)"
+
+
+def test_bad_state_is_refused_and_changes_nothing():
+    method = DBMTL()
+    method.commit(method.aggregate(_inputs(torch.ones(2, 3, dtype=torch.float64), [1.0, 2.0])).pending)
+    before = method.state_dict()
+    with pytest.raises(ValueError, match="keys"):
+        method.load_state_dict({"ema": torch.zeros(2, 3, dtype=torch.float64)})
+    after = method.state_dict()
+    assert torch.equal(after["ema"], before["ema"]) and after["steps"] == before["steps"] == 1

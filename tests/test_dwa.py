@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -205,3 +206,71 @@ def test_warns_once_when_epoch_end_is_never_called():
         for _ in range(2000):
             run(quiet, [1.0, 2.0])
     assert DWA.epoch_warning_steps == 1000
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+
+
+def test_state_dicts_are_snapshots_not_views():
+    # like torch.optim: a saved state must not change when the method keeps training, and a
+    # loaded state must not be changed by the method that loaded it
+    m = DWA()
+    run(m, [1.0, 2.0])
+    m.epoch_end()
+    run(m, [3.0, 1.0])
+    saved = m.state_dict()
+    frozen = copy.deepcopy(saved)
+    run(m, [2.0, 2.0])
+    m.epoch_end()
+    assert _same_state(saved, frozen)
+    twin = DWA()
+    twin.load_state_dict(saved)
+    run(twin, [5.0, 4.0])
+    twin.epoch_end()
+    run(twin, [5.0, 4.0])
+    assert _same_state(saved, frozen)
+
+
+def test_warning_comes_at_exactly_epoch_warning_steps_commits():
+    import warnings
+
+    m = DWA()
+    m.epoch_warning_steps = 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(m, [1.0, 2.0])
+        run(m, [1.0, 2.0])
+    with pytest.warns(RuntimeWarning, match="has committed 3 steps"):
+        run(m, [1.0, 2.0])
+
+
+def test_repr_names_every_argument():
+    # repr is built from hyperparameters(), which checkpoints record to warn on a changed method
+    assert repr(DWA(temperature=0.5, window="step")) == "DWA(temperature=0.5, window='step')"
+    assert repr(DWA()) == "DWA(temperature=2.0, window='epoch')"
+
+
+def test_bad_state_is_refused_and_changes_nothing():
+    m = DWA(window="step")
+    run(m, [1.0, 2.0])
+    before = m.state_dict()
+    bad = dict(before, sum=torch.zeros(3, dtype=D))  # one entry too many
+    with pytest.raises(ValueError, match="one entry per task"):
+        m.load_state_dict(bad)
+    assert _same_state(m.state_dict(), before)
+
+
+def test_reported_averages_is_the_fewest_any_task_has():
+    m = DWA()
+    assert m.aggregate(TaskInputs(losses=torch.ones(2, dtype=D))).extras["averages"] == 0
+    for _ in range(2):
+        run(m, [1.0, 2.0])
+        m.epoch_end()
+    agg = m.aggregate(TaskInputs(losses=torch.ones(2, dtype=D)))
+    assert agg.extras["averages"] == 2
+    named = DWA(window="step")
+    run_named(named, {"a": 1.0, "b": 1.0})
+    run_named(named, {"a": 1.0})
+    assert named.aggregate(TaskInputs(losses=torch.ones(1, dtype=D), task_names=("a",))).extras["averages"] == 1

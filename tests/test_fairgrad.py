@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -261,3 +262,108 @@ def test_two_opposed_gradients_raise_first_then_reuse_the_previous_weights():
     fresh = FairGrad(2.0)
     fresh.load_state_dict(method.state_dict())
     torch.testing.assert_close(fresh.w_n, method.w_n)
+
+
+def test_defaults_are_the_official_class_defaults():
+    import gradbalance as gb
+
+    expected = "FairGrad(alpha=1.0, max_norm=1.0, wiring='official')"
+    assert repr(FairGrad()) == expected and repr(gb.methods.make_method("fairgrad")) == expected
+
+
+def _near_opposed_inputs(delta, dtype):
+    # g1 = (1, 0), g2 = (-1, delta): 1 + cos = delta^2 / 2 to first order
+    g = torch.tensor([[1.0, 0.0], [-1.0, delta]], dtype=dtype)
+    return TaskInputs(losses=torch.ones(2, dtype=torch.float64), gram=g @ g.T)
+
+
+def test_opposed_up_to_the_gram_precision_is_100_eps_of_its_dtype():
+    # float64: 1 + cos ~ 6.6e-15 = 30 eps is below the 100 eps threshold: no solution
+    with pytest.raises(RuntimeError, match=r"1 \+ cos = 6\.6\de-15"):
+        FairGrad().aggregate(_near_opposed_inputs(1.15e-7, torch.float64))
+    # 1 + cos ~ 1e-6: solvable from a float64 Gram (the Nash closed form for alpha = 1) ...
+    inputs = _near_opposed_inputs(2**0.5 * 1e-3, torch.float64)
+    w = FairGrad().aggregate(inputs).extras["solution"]
+    m = inputs.gram
+    gap = float(torch.linalg.det(m)) / float(m[0, 0] * m[1, 1] - m[0, 1] * m.diagonal().prod().sqrt())
+    torch.testing.assert_close(w, 1 / (m.diagonal().sqrt() * gap**0.5), rtol=1e-6, atol=0)
+    # ... but not from a float32 one, where it is below 100 eps32 = 1.2e-5: rounding noise
+    with pytest.raises(RuntimeError, match="opposed"):
+        FairGrad().aggregate(_near_opposed_inputs(2**0.5 * 1e-3, torch.float32))
+
+
+def test_fallback_failures_accumulate_and_survive_a_state_round_trip():
+    method = FairGrad(2.0)
+    good = torch.tensor([[1.0, 2.0], [-1.0, 0.5]], dtype=torch.float64)
+    opposed = torch.tensor([[2.0, 4.0], [-1.0, -2.0]], dtype=torch.float64)
+    ones = torch.ones(2, dtype=torch.float64)
+    method.commit(method.aggregate(TaskInputs(losses=ones, gram=good @ good.T)).pending)
+    for _ in range(2):
+        with pytest.warns(RuntimeWarning, match="Pareto-stationary"):
+            method.commit(method.aggregate(TaskInputs(losses=ones, gram=opposed @ opposed.T)).pending)
+    assert method.failures == 2
+    fresh = FairGrad(2.0)
+    fresh.load_state_dict(method.state_dict())
+    assert fresh.failures == 2 and fresh.state_dict()["failures"] == 2
+
+
+def test_a_single_live_task_gets_the_one_dimensional_solution():
+    # k = 2, task 0 has a zero gradient: ||g||^2 w = w^(-1/alpha), w = ||g||^(-2 alpha / (1 + alpha))
+    g = torch.tensor([[0.0, 0.0], [3.0, 4.0]], dtype=torch.float64)
+    w, _ = _weights(g, 2.0)
+    torch.testing.assert_close(w, torch.tensor([0.0, 5.0 ** (-4 / 3)], dtype=torch.float64), rtol=1e-14, atol=0)
+
+
+def test_weights_use_the_symmetric_part_of_the_gram():
+    g = _grads(3, seed=11)
+    skew = 0.05 * torch.triu(torch.ones(3, 3, dtype=torch.float64), 1)
+    bent = g @ g.T + skew - skew.T
+    ref, _ = _weights(g)
+    ones = torch.ones(3, dtype=torch.float64)
+    for m in (bent, bent.T):
+        got = FairGrad().aggregate(TaskInputs(losses=ones, gram=m)).extras["solution"]
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=0)
+
+
+class _InexactFairGrad(FairGrad):
+    """FairGrad whose k >= 3 solver stops at a relative error ``err`` of the exact solution."""
+
+    def __init__(self, err):
+        super().__init__()
+        self.err = err
+
+    def solve(self, gram):
+        return super().solve(gram) * (1 + self.err)
+
+
+def test_a_k3_solve_with_relative_residual_above_1e_6_warns():
+    g = _grads(3, seed=2)
+    inputs = TaskInputs(losses=torch.ones(3, dtype=torch.float64), gram=g @ g.T)
+    with pytest.warns(RuntimeWarning, match="relative residual"):
+        agg = _InexactFairGrad(1e-5).aggregate(inputs)
+    assert 1e-6 < agg.extras["residual"] < 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        agg = _InexactFairGrad(1e-8).aggregate(inputs)
+    assert agg.extras["residual"] < 1e-6
+
+
+def test_bad_state_is_refused_and_changes_nothing():
+    method = FairGrad()
+    g = _grads(2, seed=1)
+    method.commit(method.aggregate(TaskInputs(losses=torch.ones(2, dtype=torch.float64), gram=g @ g.T)).pending)
+    before = method.state_dict()
+    with pytest.raises(ValueError, match="missing"):
+        method.load_state_dict({"failures": 5})
+    after = method.state_dict()
+    assert after["failures"] == before["failures"] == 0 and torch.equal(after["w_n"], before["w_n"])
+
+
+@pytest.mark.parametrize("max_norm", [None, 1e-3])
+def test_reported_update_norm_is_the_norm_of_the_applied_shared_update(max_norm):
+    g = _grads(3, seed=4)
+    agg = FairGrad(max_norm=max_norm).aggregate(TaskInputs(losses=torch.ones(3, dtype=torch.float64), gram=g @ g.T))
+    applied = float((agg.weights @ g).norm())
+    assert agg.extras["update_norm"] == pytest.approx(applied, rel=1e-10)
+    if max_norm is not None:
+        assert agg.extras["clip"] < 1.0 and applied == pytest.approx(max_norm, rel=1e-3)

@@ -306,3 +306,72 @@ def test_a_missing_task_is_refused_with_what_to_do_instead(name):
             opt.backward(named, features=z)
         assert "None in a dict of losses counts as missing" in str(err.value)
         assert all(p.grad is None for p in model.parameters())
+
+
+def _adam_reference_logits(seq, mins, lr, wd):
+    """torch.optim.Adam on the logits, fed J_softmax^T delta with delta measured above min_losses."""
+    xi = torch.zeros(len(seq[0]), dtype=torch.float64, requires_grad=True)
+    adam = torch.optim.Adam([xi], lr=lr, weight_decay=wd)
+    m = torch.tensor(mins, dtype=torch.float64)
+    out, prev = [], None
+    for losses in seq:
+        cur = torch.tensor(losses, dtype=torch.float64)
+        if prev is not None:
+            delta = (prev - m).log() - (cur - m).log()
+            (xi.grad,) = torch.autograd.grad(torch.softmax(xi, 0), xi, grad_outputs=delta)
+            adam.step()
+        out.append(xi.detach().clone())
+        prev = cur
+    return out
+
+
+def test_logit_update_measures_the_log_decrease_above_min_losses():
+    # delta_i = log(L_prev - m_i) - log(L_now - m_i): with m close to the losses this is far from
+    # log(L_prev / L_now), so min_losses must enter both logs
+    mins = [0.5, 0.1, 1.0]
+    seq = [[1.0, 2.0, 4.0], [0.9, 1.5, 3.9], [0.6, 1.0, 3.0], [0.55, 0.9, 1.5]]
+    method = FAMO(lr=0.1, gamma=0.01, min_losses=mins)
+    for losses, want in zip(seq, _adam_reference_logits(seq, mins, 0.1, 0.01)):
+        torch.testing.assert_close(_step(method, losses).extras["logits"], want, rtol=1e-12, atol=1e-14)
+
+
+def test_logits_are_bit_identical_to_torch_adam():
+    # the official code steps the logits with torch.optim.Adam; gradbalance places eps where it
+    # does (after sqrt(v) / sqrt(1 - b2^t)), so the logits agree to the last bit
+    seq = [[1.0, 2.0, 4.0], [0.9, 1.5, 3.9], [0.85, 1.0, 3.0], [0.7, 0.9, 2.9], [0.69, 0.5, 2.0]]
+    method = FAMO(lr=0.1, gamma=0.01)
+    for losses, want in zip(seq, _adam_reference_logits(seq, [0.0, 0.0, 0.0], 0.1, 0.01)):
+        assert torch.equal(_step(method, losses).extras["logits"], want)
+
+
+def test_repr_names_every_argument():
+    # repr is built from hyperparameters(), which checkpoints record to warn on a changed method
+    got = repr(FAMO(lr=0.1, gamma=0.01, min_losses=[0.1, 0.2], max_norm=None))
+    assert got == "FAMO(lr=0.1, gamma=0.01, min_losses=(0.1, 0.2), max_norm=None)"
+
+
+def test_bad_state_is_refused_and_changes_nothing():
+    method = FAMO()
+    _step(method, [1.0, 2.0])
+    _step(method, [0.9, 1.5])
+    before = method.state_dict()
+    bad = dict(before)
+    del bad["exp_avg_sq"]
+    with pytest.raises(ValueError, match="keys"):
+        method.load_state_dict(bad)
+    after = method.state_dict()
+    assert all(torch.equal(after[k], before[k]) if torch.is_tensor(before[k]) else after[k] == before[k]
+               for k in before)
+
+
+def test_with_a_gram_the_clip_is_folded_and_the_update_norm_reported():
+    # with the Gram matrix at hand (accumulation="buffered") the clip goes into the weights;
+    # extras report the clipped update's norm, the heads keep the unclipped weights
+    g = torch.tensor([[3.0, 0.0], [1.0, 4.0]], dtype=torch.float64)
+    agg = FAMO(max_norm=0.5).aggregate(TaskInputs(losses=torch.tensor([1.0, 2.0], dtype=torch.float64), gram=g @ g.T))
+    unclipped = torch.tensor([2 / 3, 1 / 3], dtype=torch.float64)  # z uniform: w_i ~ 1 / L_i
+    torch.testing.assert_close(agg.head_weights, unclipped)
+    n = float((unclipped @ g).norm())
+    torch.testing.assert_close(agg.weights, unclipped * 0.5 / (n + 1e-6))
+    assert agg.max_norm is None
+    assert agg.extras["update_norm"] == pytest.approx(float((agg.weights @ g).norm()), rel=1e-12)

@@ -101,3 +101,30 @@ def test_invariant_to_task_order():
     d = _run(GradDrop(seed=3), g).direction
     d_perm = _run(GradDrop(seed=3), g[torch.tensor([3, 1, 0, 2])]).direction
     torch.testing.assert_close(d_perm, d, rtol=1e-12, atol=1e-12)
+
+
+def _reference_direction(g, u, leak):
+    """Algorithm 1 written out: P from the signs, M_ip = [U_p < P_p][g_ip > 0] + [U_p > P_p][g_ip < 0]."""
+    total = g.abs().sum(0)
+    purity = torch.where(total > 0, 0.5 * (1 + g.sum(0) / total.clamp_min(1e-300)), 0.5)
+    keep = ((u < purity) & (g > 0)) | ((u > purity) & (g < 0))
+    mask = leak[:, None] + (1 - leak[:, None]) * keep.to(g.dtype)
+    return (mask * g).sum(0)
+
+
+def test_direction_is_algorithm_1_with_the_documented_draw_and_reset_reseeds():
+    # the documented draw: one rand(P) per committed step from the method's own generator
+    # (seeded with `seed`), in the gradients' dtype; reset() starts that stream again
+    gen = torch.Generator().manual_seed(6)
+    batches = [torch.randn(3, 200, generator=gen, dtype=torch.float64) for _ in range(2)]
+    leak = torch.tensor([0.25, 0.0, 0.5], dtype=torch.float64)
+    stream = torch.Generator().manual_seed(9)
+    method = GradDrop(leak=leak.tolist(), seed=9)
+    for g in batches:
+        u = torch.rand(200, generator=stream, dtype=torch.float64)
+        agg = _run(method, g)
+        torch.testing.assert_close(agg.direction, _reference_direction(g, u, leak), rtol=0, atol=1e-15)
+        method.commit(agg.pending)
+    method.reset()
+    fresh = GradDrop(leak=leak.tolist(), seed=9)
+    assert torch.equal(_run(method, batches[0]).direction, _run(fresh, batches[0]).direction)

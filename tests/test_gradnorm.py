@@ -290,3 +290,79 @@ def test_default_layer_shared_tensor_used_after_the_features_and_tied_weights():
     assert last_shared_layer([z.sum(), z.pow(2).sum()], shared) == 1
     assert last_shared_layer([z.sum()], [scale]) == 0  # no 2-D tensor: the nearest of any
     assert last_shared_layer([torch.ones(1, requires_grad=True).sum()], shared) is None
+
+
+def test_defaults_are_the_papers():
+    assert GradNorm().hyperparameters() == {"alpha": 1.5, "lr": 0.025, "layer": None, "optimizer": "adam"}
+    assert gb.methods.make_method("gradnorm").hyperparameters() == GradNorm().hyperparameters()
+
+
+def _reference_gradnorm(steps, alpha, lr):
+    """Algorithm 1 with the closed-form weight gradient, stepped by Adam as written in the Adam
+    paper (m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t), w -= lr m_hat / (sqrt(v_hat) + eps)),
+    then clamped at 0 and renormalised to sum k."""
+    k = len(steps[0][0])
+    w, m, v, l0, out = torch.ones(k, dtype=D), torch.zeros(k, dtype=D), torch.zeros(k, dtype=D), None, []
+    for t, (losses, norms) in enumerate(steps, start=1):
+        losses, norms = torch.tensor(losses, dtype=D), torch.tensor(norms, dtype=D)
+        l0 = losses if l0 is None else l0
+        ratio = losses / l0
+        r = ratio / ratio.mean()
+        g = w * norms
+        grad = torch.sign(g - g.mean() * r**alpha) * norms
+        m = 0.9 * m + (1 - 0.9) * grad
+        v = 0.999 * v + (1 - 0.999) * grad * grad
+        m_hat, v_hat = m / (1 - 0.9**t), v / (1 - 0.999**t)
+        w = (w - lr * m_hat / (v_hat.sqrt() + 1e-8)).clamp_min(0.0)
+        w = w * (k / w.sum())
+        out.append(w)
+    return out
+
+
+def test_training_is_bit_identical_to_a_literal_algorithm_1_with_adam():
+    # alpha = 0.7 and lr = 0.2 differ from the defaults, and the rates differ, so a method that
+    # ignored either argument (or placed Adam's eps differently) would not agree to the last bit
+    gen = torch.Generator().manual_seed(3)
+    steps = []
+    for t in range(8):
+        losses = (torch.tensor([2.0, 1.0, 0.5], dtype=D) * torch.tensor([0.9, 0.97, 0.8], dtype=D) ** t).tolist()
+        steps.append((losses, (torch.rand(3, generator=gen, dtype=D) + 0.5).tolist()))
+    m = GradNorm(alpha=0.7, lr=0.2)
+    for (losses, norms), want in zip(steps, _reference_gradnorm(steps, 0.7, 0.2)):
+        step(m, losses, norms)
+        assert torch.equal(m.weights, want)
+
+
+def test_present_weights_all_clamped_to_zero_share_what_they_held():
+    # tasks a, b present, c absent with w_c = 2; a and b have positive weight gradients
+    # (alpha = 0.5, r = (0.5, 1.5), n = (0.75, 1.25): G_i above its target for both), and a large
+    # SGD step sends both below 0: they get equal parts of the 1.0 they held, and sum(w) stays 3
+    m = GradNorm(alpha=0.5, lr=10.0, optimizer="sgd")
+    m.load_state_dict({"tasks": ["a", "b", "c"], "w": torch.tensor([0.5, 0.5, 2.0], dtype=D),
+                       "l0": torch.ones(3, dtype=D), "m": torch.zeros(3, dtype=D), "v": torch.zeros(3, dtype=D),
+                       "t": torch.zeros(3, dtype=torch.int64)})
+    agg = m.aggregate(TaskInputs(losses=torch.tensor([0.5, 1.5], dtype=D), task_names=("a", "b"),
+                                 gram=torch.diag(torch.tensor([0.75, 1.25], dtype=D) ** 2)))
+    assert (agg.pending["grad"] > 0).all()
+    m.commit(agg.pending)
+    torch.testing.assert_close(m.weights, torch.tensor([0.5, 0.5, 2.0], dtype=D), rtol=0, atol=1e-15)
+
+
+def test_repr_names_every_argument():
+    # repr is built from hyperparameters(), which checkpoints record to warn on a changed method
+    expected = "GradNorm(alpha=0.5, lr=0.1, layer=2, optimizer='sgd')"
+    assert repr(GradNorm(alpha=0.5, lr=0.1, layer=2, optimizer="sgd")) == expected
+    expected = "GradNorm(alpha=1.5, lr=0.025, layer='<tensor (3, 4)>', optimizer='adam')"
+    assert repr(GradNorm(layer=torch.zeros(3, 4))) == expected
+
+
+def test_bad_state_is_refused_and_changes_nothing():
+    m = GradNorm()
+    step(m, [1.0, 2.0], [1.0, 3.0])
+    before = m.state_dict()
+    bad = dict(before, v=torch.zeros(3, dtype=D))  # one entry too many
+    with pytest.raises(ValueError, match="one entry per task"):
+        m.load_state_dict(bad)
+    after = m.state_dict()
+    assert after["tasks"] == before["tasks"]
+    assert all(torch.equal(after[k], before[k]) for k in ("w", "l0", "m", "v", "t"))

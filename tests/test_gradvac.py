@@ -145,3 +145,93 @@ def test_end_to_end_step_and_heads():
 def test_determinism_and_resume():
     check_deterministic(lambda: GradVac(beta=0.5))
     check_resume_bit_identical(lambda: GradVac(beta=0.5))
+
+
+def test_steps_follow_the_documented_orders_and_reset_reseeds():
+    # the orders are one randperm(k - 1) per task (over the other tasks in index order) from the
+    # method's own generator seeded with `seed`, advancing once per committed step; checked over
+    # three steps against Algorithm 1 on vectors with orders drawn here from that stream
+    k, beta = 4, 0.5
+    gen = torch.Generator().manual_seed(12)
+    batches = [torch.randn(k, 6, generator=gen, dtype=torch.float64) for _ in range(3)]
+    for g in batches:
+        g[1] = -0.9 * g[0] + 0.2 * g[1]  # conflicts, so the order matters
+    stream = torch.Generator().manual_seed(5)
+    method = GradVac(beta=beta, seed=5)
+    targets = torch.zeros(k, k, dtype=torch.float64)
+    order_mattered = []
+    for g in batches:
+        orders = []
+        for i in range(k):
+            others = [j for j in range(k) if j != i]
+            orders.append([others[int(p)] for p in torch.randperm(k - 1, generator=stream)])
+        agg = method.aggregate(_inputs(g))
+        ref, ref_targets = _vector_reference(g, targets, orders, beta)
+        torch.testing.assert_close(agg.weights @ g, ref)
+        torch.testing.assert_close(agg.pending[0], ref_targets)
+        in_index_order, _ = _vector_reference(g, targets, [[j for j in range(k) if j != i] for i in range(k)], beta)
+        order_mattered.append(not torch.allclose(ref, in_index_order))
+        method.commit(agg.pending)
+        targets = ref_targets
+    assert any(order_mattered)  # the test would see unshuffled orders
+    method.reset()
+    assert torch.equal(method.aggregate(_inputs(batches[0])).weights,
+                       GradVac(beta=beta, seed=5).aggregate(_inputs(batches[0])).weights)
+
+
+def test_a_zero_gradient_task_is_skipped():
+    # task 1 has no gradient: its pairs are not corrected and their targets do not move; the other
+    # two tasks get exactly the two-task result
+    g = torch.tensor([[1.0, 0.0], [0.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+    method = GradVac(beta=0.5)
+    method.load_state_dict({"targets": torch.full((3, 3), 0.3, dtype=torch.float64),
+                            "generator": torch.Generator().manual_seed(0).get_state()})
+    agg = method.aggregate(_inputs(g))
+    targets = agg.pending[0]
+    assert (targets[1, [0, 2]] == 0.3).all() and (targets[[0, 2], 1] == 0.3).all()
+    pair = GradVac(beta=0.5)
+    pair.load_state_dict({"targets": torch.full((2, 2), 0.3, dtype=torch.float64),
+                          "generator": torch.Generator().manual_seed(0).get_state()})
+    two = pair.aggregate(_inputs(g[[0, 2]]))
+    torch.testing.assert_close(agg.weights @ g, two.weights @ g[[0, 2]])
+    assert agg.extras["corrections"] == two.extras["corrections"] == 2
+
+
+def test_cosine_at_the_target_needs_no_correction():
+    # orthogonal gradients and zero targets: phi = target exactly, so nothing is corrected
+    agg = GradVac().aggregate(_inputs(torch.diag(torch.tensor([2.0, 1.0, 3.0], dtype=torch.float64))))
+    assert agg.extras["corrections"] == 0
+    assert torch.equal(agg.weights, torch.ones(3, dtype=torch.float64))
+
+
+def test_exactly_opposed_gradients_with_a_rounded_cosine_below_minus_one():
+    # a Gram of exactly opposed unit gradients whose rounded off-diagonal gives cos = -1 - 1e-15
+    # (it happens in float64 for some vectors): the cosine is clamped to -1, so each gradient is
+    # corrected to cos 0 with the other, g_i + (||g_i|| / ||g_j||) g_j: coefficients (1, 1) each
+    gram = torch.tensor([[1.0, -1.0 - 1e-15], [-1.0 - 1e-15, 1.0]], dtype=torch.float64)
+    agg = GradVac().aggregate(TaskInputs(losses=torch.ones(2, dtype=torch.float64), gram=gram))
+    torch.testing.assert_close(agg.weights, torch.full((2,), 2.0, dtype=torch.float64), rtol=1e-14, atol=0)
+    torch.testing.assert_close(agg.pending[0], torch.tensor([[0.0, -0.01], [-0.01, 0.0]], dtype=torch.float64))
+
+
+def test_repr_names_every_argument():
+    # repr is built from hyperparameters(), which checkpoints record to warn on a changed method
+    assert repr(GradVac(beta=0.5, seed=3)) == "GradVac(beta=0.5, seed=3)"
+
+
+def test_a_target_of_exactly_one_gets_no_infinite_correction():
+    # Regression: after ~50 steps of parallel gradients the EMA target rounds to exactly 1.0
+    # (beta = 0.5 here; the default 0.01 gets there too, later). cos = 1 cannot be reached by a
+    # finite move along g_j (sqrt(1 - phi_hat^2) = 0 in the denominator): the pair is left
+    # uncorrected instead of giving infinite weights; its target still moves by the EMA.
+    method = GradVac(beta=0.5)
+    parallel = torch.tensor([[1.0, 0.0], [2.0, 0.0]], dtype=torch.float64)
+    for _ in range(60):
+        method.commit(method.aggregate(_inputs(parallel)).pending)
+    assert torch.equal(method.state_dict()["targets"], torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64))
+    agg = method.aggregate(_inputs(torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)))
+    assert agg.extras["corrections"] == 0
+    torch.testing.assert_close(agg.weights, torch.ones(2, dtype=torch.float64))
+    cos = 2**-0.5
+    torch.testing.assert_close(agg.pending[0], torch.tensor([[0.0, 0.5 + 0.5 * cos], [0.5 + 0.5 * cos, 0.0]],
+                                                            dtype=torch.float64))

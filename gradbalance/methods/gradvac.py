@@ -56,7 +56,10 @@ class GradVac(Method):
 
     Deviations: the paper can apply GradVac per layer ("all_layer"/"all_matrix" groups);
     this implementation treats all shared parameters as one vector (LibMTL's "whole_model").
-    A pair with a zero-norm gradient is skipped (no correction, its target unchanged).
+    A pair with a zero-norm gradient is skipped (no correction, its target unchanged). A target
+    of exactly 1 (reached by rounding after many steps of parallel gradients) cannot be reached
+    by a finite move: that pair is not corrected (its target still follows the EMA); LibMTL adds
+    ``1e-8`` to the denominator instead, a move of about ``1e8 ||g_i|| / ||g_j||``.
 
     Example:
         >>> import torch
@@ -104,9 +107,10 @@ class GradVac(Method):
                     continue
                 phi = ((coef[i] @ gram[:, j]) / (norm_i * norms[j])).clamp(-1.0, 1.0)
                 target = targets[i, j]
-                if phi < target:
-                    # 1 - target^2 > 0 here: target <= 1 and phi < target
-                    root_t = (1 - target**2).sqrt()
+                root_t = (1 - target**2).clamp_min(0).sqrt()
+                # a target of exactly 1 (the EMA rounds to it after many steps of parallel
+                # gradients) cannot be reached by a finite move along g_j: no correction
+                if phi < target and root_t > 0:
                     root_p = (1 - phi**2).sqrt()
                     coef[i, j] += norm_i * (target * root_p - phi * root_t) / (norms[j] * root_t)
                     count += 1
