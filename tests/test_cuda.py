@@ -181,3 +181,33 @@ def test_auto_engine_on_cuda_is_batched_and_compiled_trunk_takes_the_loop():
     assert info.engine == "loop (compiled graph)"
     for got, want in zip(params, [*ref[0].parameters(), *ref[1].parameters()]):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("engine", ["loop", "batched", "gram"])
+def test_unreached_shared_parameter_keeps_no_gradient_on_cuda(engine):
+    """As on CPU (tests/test_unreached.py): a shared parameter no loss reaches keeps .grad None."""
+    from tests.test_unreached import Branchy
+
+    torch.manual_seed(0)
+    model = Branchy().cuda()
+    opt = gb.GradBalance(torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5), "mgda",
+                         shared_params=model.shared(), engine=engine)
+    z, losses = model(torch.randn(8, 4, device="cuda"), use_b=False)
+    info = opt.backward(losses, features=z)
+    assert info.engine.startswith(engine)
+    assert model.b.weight.grad is None and model.a.weight.grad is not None
+    before = model.b.weight.detach().clone()
+    opt.step()
+    assert torch.equal(model.b.weight, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_finite_check_on_cuda(dtype):
+    """The NaN/inf probe on CUDA tensors: finds one bad entry, accepts a large finite half sum."""
+    from gradbalance.paths.grads import check_finite_grads
+
+    check_finite_grads([torch.ones(300_000, dtype=dtype, device="cuda")], ["a"])
+    bad = torch.zeros(1000, dtype=dtype, device="cuda")
+    bad[17] = float("nan")
+    with pytest.raises(gb.NonFiniteError):
+        check_finite_grads([torch.ones(10, dtype=dtype, device="cuda"), bad], ["a", "b"])
