@@ -52,12 +52,21 @@ def check_finite_grads(grads: Sequence[Tensor | None], names: Sequence[str], red
 
 
 def _finite_probe(grads: list[Tensor]) -> Tensor:
-    """One number that is NaN or inf exactly when some entry of ``grads`` is (or when the finite
-    entries sum past the float range, ~3e38, which no usable gradient does): the plain sum,
-    accumulated in float32 (float64 for float64 gradients, so that half precision cannot
-    overflow at 65504). A NaN propagates through a sum, inf - inf is NaN, and one pass of ``sum``
-    is the cheapest read of the gradient: 0.38 ms against 1.98 ms for ``torch._foreach_norm(.,
-    1)`` on the 0.79 M-parameter benchmark MLP's gradients (CPU, one thread)."""
+    """One number that is NaN or inf exactly when some entry of ``grads`` is.
+
+    On an accelerator: the largest absolute entry, by ``torch._foreach_norm(., inf)`` (fused
+    multi-tensor kernels, a few launches for all the parameters; a maximum cannot overflow). On
+    CPU, where ``_foreach_norm`` runs one slow norm per tensor (measured on the 0.79 M-parameter
+    benchmark MLP's gradients, one thread: 2.98 ms for the inf-norm, 1.98 ms for the 1-norm), the
+    plain sum of each tensor (0.18-0.38 ms), accumulated in float32 (float64 for float64
+    gradients, so that half precision cannot overflow at 65504): a NaN propagates through a sum,
+    inf - inf is NaN, and only finite entries summing past ~3e38, which no usable gradient does,
+    could raise a false alarm."""
+    foreach = getattr(torch, "_foreach_norm", None)
+    first = grads[0]
+    if foreach is not None and first.device.type != "cpu" and all(
+            g.device == first.device and g.dtype == first.dtype for g in grads):
+        return torch.stack(foreach(grads, float("inf"))).sum()
     return torch.stack([g.sum(dtype=torch.float64 if g.dtype == torch.float64 else torch.float32).double()
                         for g in grads]).sum()
 
